@@ -1,0 +1,70 @@
+"""The `vpmoe` command line: one entry point, one subcommand per job.
+
+Exit codes: 0 success, 2 bad input or config (the message says what and where), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vpmoe.errors import UserError
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build and inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="source records -> dataset directory")
+    build.add_argument("config")
+    _add_set(build)
+    inspect = data_sub.add_parser("inspect", help="counts, lengths, span shares and a rendered sample")
+    inspect.add_argument("dir")
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--sample", type=int, default=0, help="index of the sample to render")
+    _add_set(inspect)
+
+    doctor = sub.add_parser("doctor", help="environment, asset and device checks")
+    _add_set(doctor)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "data" and args.data_command == "build":
+        from vpmoe.data.build import build_from_config
+
+        build_from_config(args.config, args.overrides)
+    elif args.command == "data" and args.data_command == "inspect":
+        from vpmoe.data.inspect import inspect
+
+        inspect(args.dir, split=args.split, sample=args.sample)
+    elif args.command == "doctor":
+        from vpmoe.doctor import doctor
+
+        doctor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"vpmoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vpmoe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
