@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
-from vpmoe.data.harmony import SPAN_NAMES, SPLIT_RULE, HarmonyRenderer, Reject, split_of
+from vpmoe.data.harmony import SPAN_NAMES, SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
 from vpmoe.data.indexed import IndexedWriter
 from vpmoe.data.records import ID_FIELD, read_records
 from vpmoe.errors import UserError
@@ -102,7 +102,8 @@ def build(data: DataSection) -> Path:
 
     shards = partial / "shards"
     todo = [i for i in range(len(inputs)) if not (shards / f"{i:05d}" / "stats.json").exists()]
-    jobs = [(i, str(inputs[i]), data) for i in todo]
+    system = system_tokens(data.reasoning_effort)
+    jobs = [(i, str(inputs[i]), data, system) for i in todo]
     total_bytes = sum(inputs[i].stat().st_size for i in todo)
     _run_shards(jobs, shards, data.workers, total_bytes)
 
@@ -140,17 +141,28 @@ def _run_shards(jobs: list, shards: Path, workers: int, total_bytes: int) -> Non
         bar.close()
         return
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        progress = manager.Queue()
-        with ctx.Pool(min(workers, len(jobs))) as pool:
-            pending = [pool.apply_async(render_shard, (*job, shards, progress.put)) for job in jobs]
-            while pending:
-                _drain(progress, bar)
-                for result in [r for r in pending if r.ready()]:
-                    result.get()  # re-raises a worker's error (a UserError keeps its message)
-                    pending.remove(result)
+    progress = ctx.Queue()
+    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress,)) as pool:
+        pending = [pool.apply_async(_render_in_worker, (job, shards)) for job in jobs]
+        while pending:
             _drain(progress, bar)
+            for result in [r for r in pending if r.ready()]:
+                result.get()  # re-raises a worker's error (a UserError keeps its message)
+                pending.remove(result)
+        _drain(progress, bar)
     bar.close()
+
+
+_PROGRESS = None
+
+
+def _init_worker(progress) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _render_in_worker(job: tuple, shards: Path) -> None:
+    render_shard(*job, shards, _PROGRESS.put)
 
 
 def _drain(progress, bar) -> None:
@@ -162,14 +174,9 @@ def _drain(progress, bar) -> None:
         pass
 
 
-_RENDERERS: dict[str, HarmonyRenderer] = {}
-
-
-def render_shard(index: int, path: str, data: DataSection, shards: Path, progress) -> None:
+def render_shard(index: int, path: str, data: DataSection, system: list[int], shards: Path, progress) -> None:
     """Render one input file into `shards/NNNNN/`: per split, packed or unpacked samples ready to append."""
-    renderer = _RENDERERS.get(data.reasoning_effort)
-    if renderer is None:
-        renderer = _RENDERERS[data.reasoning_effort] = HarmonyRenderer(data.reasoning_effort)
+    renderer = HarmonyRenderer(data.reasoning_effort, system)
     docs = {split: ([], []) for split in SPLITS}  # split -> (token arrays, span arrays)
     seen: dict[str, int] = {}
     rejects: dict[str, dict] = {}

@@ -86,9 +86,10 @@ def _suffix(ids: list[int], budget: int) -> list[int]:
 class HarmonyRenderer:
     """Renders SYNTH records and plain text into (tokens, spans)."""
 
-    def __init__(self, reasoning_effort: str = "medium"):
+    def __init__(self, reasoning_effort: str = "medium", system: list[int] | None = None):
+        """`system` takes the system message's tokens when already rendered (worker processes get them)."""
         self.reasoning_effort = reasoning_effort
-        self.system = system_tokens(reasoning_effort)
+        self.system = system if system is not None else system_tokens(reasoning_effort)
         assistant, analysis, final, user = (tk.encode(s) for s in ("assistant", "analysis", "final", "user"))
         self.user_head = [tk.START, *user, tk.MESSAGE]
         self.analysis_head = [tk.START, *assistant, tk.CHANNEL, *analysis, tk.MESSAGE]

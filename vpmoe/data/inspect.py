@@ -33,6 +33,8 @@ def inspect(directory: str, split: str = "train", sample: int = 0, out=None) -> 
         total = max(s["tokens"], 1)
         shares = ", ".join(f"{span} {100 * n / total:.1f}%" for span, n in s["span_tokens"].items())
         say(f"{name}: {s['samples']} samples, {s['documents']} documents, {s['tokens']} tokens ({shares})")
+    if manifest.get("teacher"):
+        _teacher(manifest["teacher"], manifest["splits"], say)
 
     reader = SplitReader(directory, split)
     if len(reader) == 0:
@@ -47,6 +49,23 @@ def inspect(directory: str, split: str = "train", sample: int = 0, out=None) -> 
     legend = "yellow = reasoning, green = final" if color else "[reasoning ...] and [final ...] mark the spans"
     say(f"\nsample {sample} of {split} ({len(tokens)} tokens; {legend}):")
     say(render_spans(tokens, spans, color))
+
+
+def _teacher(section: dict, splits: dict, say) -> None:
+    """The teacher sidecar: coverage, bytes, mean top-K mass and mean entropy per span."""
+    teacher = section["teacher"]
+    say(f"teacher sidecar: {teacher['name']} ({teacher['dtype']}), K {section['k']}, reasoning effort in the "
+        f"prompts {section['reasoning_effort']}")
+    for name in splits:
+        s = section["splits"].get(name)
+        if s is None:
+            say(f"  {name}: not scored")
+            continue
+        say(f"  {name}: coverage {100 * s['coverage']:.1f}% of {s['dataset_supervised']} supervised positions, "
+            f"{s['bytes'] / 2**20:.1f} MiB ({s['bytes_per_position']:.0f} B per position)")
+        for span, e in s["spans"].items():
+            say(f"    {span:<9} {e['positions']:>9} positions: mean top-K mass {e['mean_topk_mass']:.3f}, "
+                f"mean entropy {e['mean_entropy']:.3f} nats, mean target log-prob {e['mean_target_logprob']:.3f}")
 
 
 def _histogram(lengths: np.ndarray, seq_len: int, say) -> None:
