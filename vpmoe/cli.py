@@ -33,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sample", type=int, default=0, help="index of the sample to render")
     _add_set(inspect)
 
+    params = sub.add_parser("params", help="parameter counts of a model config (total, active, by component) as JSON")
+    params.add_argument("config")
+    _add_set(params)
+
+    teacher = sub.add_parser("teacher", help="teacher scoring")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True)
+    teacher_score = teacher_sub.add_parser("score", help="dataset + teacher -> top-K sidecar")
+    teacher_score.add_argument("config")
+    _add_set(teacher_score)
+
+    demo = sub.add_parser("demo", help="the whole pipeline end to end on CPU, tiny sizes")
+    demo.add_argument("--out", default="demo", help="directory for every artifact (replaced if it is a demo)")
+
     doctor = sub.add_parser("doctor", help="environment, asset and device checks")
     _add_set(doctor)
     return parser
@@ -47,6 +60,21 @@ def run(args: argparse.Namespace) -> None:
         from vpmoe.data.inspect import inspect
 
         inspect(args.dir, split=args.split, sample=args.sample)
+    elif args.command == "params":
+        import json
+
+        from vpmoe.model.config import load_model_config
+        from vpmoe.model.params import count_params
+
+        print(json.dumps(count_params(load_model_config(args.config, args.overrides)), indent=2))
+    elif args.command == "teacher" and args.teacher_command == "score":
+        from vpmoe.teacher.score import score_from_config
+
+        score_from_config(args.config, args.overrides)
+    elif args.command == "demo":
+        from vpmoe.demo import demo
+
+        demo(args.out)
     elif args.command == "doctor":
         from vpmoe.doctor import doctor
 
