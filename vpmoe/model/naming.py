@@ -10,6 +10,7 @@ asks this file, so that the naming lives in one place. Names are relative to the
     layers.N.attn.{q,k,v,o}_proj.weight           2-D         matrix   (global layers and compat mode)
     layers.N.attn.{q,k,v}_a.weight, {q,k,v}_b.weight  2-D     matrix   (TPA factors on local layers)
     *.bias                                        1-D/2-D     bias
+    layers.N.attn.{q,k,v}_bias                    [H*hd]      bias     (local layers: added to the TPA q/k/v)
     layers.N.attn.sinks                           [H]         sink
     layers.N.attn.grape_log_freq                  [head_dim/2] frequency
     layers.N.value_residual_logit                 []          value_residual
@@ -18,6 +19,9 @@ asks this file, so that the naming lives in one place. Names are relative to the
     layers.N.mlp.experts.{up,down}                [E, out, in] expert_bank
     layers.N.mlp.experts.{up,down}_bias           [E, out]    bias
     layers.N.mlp.router.weight                    [E, D]      router
+
+Buffers (in state_dict and checkpoints, never parameters): layers.N.mlp.router.expert_bias [E] fp32, the
+aux-loss-free balancing bias, updated by Transformer.update_expert_bias, not by an optimizer.
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""Weight I/O: safetensors + config.json round trip, and shape mismatches named."""
+
+import json
+
+import pytest
+import torch
+
+from vpmoe.errors import UserError
+from vpmoe.model import Transformer, load_config, load_model, load_weights, save_model
+from vpmoe.model.testing import model_config
+
+
+def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
+    cfg = model_config("tiny_moe", "model.vocab_size=97")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.update_expert_bias(torch.randint(0, 20, (len(cfg.moe_layers), cfg.moe.n_experts)))
+    save_model(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert load_config(tmp_path / "ckpt") == cfg
+    loaded = load_model(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.expert_biases().abs().sum() > 0
+    ids = torch.randint(0, 97, (2, 10))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_loading_into_another_shape_names_the_first_mismatched_tensor(tmp_path):
+    save_model(Transformer(model_config("tiny_real", "model.vocab_size=97")), tmp_path)
+    narrow = Transformer(model_config("tiny_real", "model.vocab_size=97", "ffn.dense_width=16"))
+    with pytest.raises(UserError, match=r"'layers\.0\.mlp\.up\.weight' has shape \[32, 64\] in the checkpoint "
+                                        r"but \[16, 64\]"):
+        load_weights(narrow, tmp_path)
+    compat = Transformer(model_config("tiny_compat", "model.vocab_size=97"))
+    with pytest.raises(UserError, match=r"'layers\.0\.attn\.q_proj\.weight' of the model is missing"):
+        load_weights(compat, tmp_path)
+    shallow = Transformer(model_config("tiny_real", "model.vocab_size=97", "model.n_layers=3"))
+    with pytest.raises(UserError, match=r"'layers\.3\.[a-z_.]+' of the checkpoint does not exist"):
+        load_weights(shallow, tmp_path)
+
+
+def test_bad_config_json_is_a_user_error(tmp_path):
+    save_model(Transformer(model_config("tiny_real", "model.vocab_size=97")), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["model"]["surprise"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="unknown key 'model.surprise'"):
+        load_config(tmp_path)

@@ -1,0 +1,158 @@
+"""Attention block: projections (GQA or TPA), QK-norm, positions, value residual, sinks, output projection.
+
+Layer kinds (ModelConfig.layer_kind):
+- full   (compat mode): GQA, QK-norm, RoPE, full causal attention, no biases, no sinks.
+- local  (real mode):   TPA q/k/v, qkv biases, QK-norm, GRAPE-M, sliding window, sinks.
+- global (real mode):   GQA with biases, QK-norm, no rotation (NoPE), ALiBi (GRAPE-A), sinks.
+QK-norm runs before any rotation; value residual mixing happens on the materialized V (after bias, never rotated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vpmoe.model import attention_ops
+from vpmoe.model.config import ModelConfig
+from vpmoe.model.norms import RMSNorm
+from vpmoe.model.positions import apply_rotary, grape_inv_freq, grape_log_freq_init, rotary_cos_sin
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward shares. Built once per forward by the Transformer."""
+
+    position_ids: torch.Tensor  # [B, S]
+    doc_ids: torch.Tensor  # [B, S]
+    token_index: torch.Tensor  # [S] absolute index of each query in its stream (offset by a KV cache)
+    kernel: str  # "reference" or "flex"
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # compat-mode cos/sin, shared by all layers
+    _block_masks: dict = field(default_factory=dict)
+
+    def block_mask(self, window: int | None):
+        if window not in self._block_masks:
+            self._block_masks[window] = attention_ops.document_block_mask(self.doc_ids, window)
+        return self._block_masks[window]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        a = cfg.attention
+        dim = cfg.model.hidden_size
+        self.kind = cfg.layer_kind(layer)
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.window = a.window if self.kind == "local" else None
+        self.grape_scale = a.grape_log_freq_scale
+        self.rope_base = a.rope_base
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        if self.kind == "local":
+            self.q_a, self.q_b = _tpa_pair(dim, a.n_heads, a.tpa_q_rank, a.head_dim)
+            self.k_a, self.k_b = _tpa_pair(dim, a.n_kv_heads, a.tpa_kv_rank, a.head_dim)
+            self.v_a, self.v_b = _tpa_pair(dim, a.n_kv_heads, a.tpa_kv_rank, a.head_dim)
+            self.q_bias = nn.Parameter(torch.zeros(q_dim))
+            self.k_bias = nn.Parameter(torch.zeros(kv_dim))
+            self.v_bias = nn.Parameter(torch.zeros(kv_dim))
+            self.grape_log_freq = nn.Parameter(
+                grape_log_freq_init(a.head_dim, a.rope_base, a.grape_log_freq_scale))
+        else:
+            self.q_proj = nn.Linear(dim, q_dim, bias=cfg.real)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=cfg.real)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=cfg.real)
+        self.o_proj = nn.Linear(q_dim, dim, bias=cfg.real)
+        self.q_norm = RMSNorm(a.head_dim, cfg.model.norm_eps)
+        self.k_norm = RMSNorm(a.head_dim, cfg.model.norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(a.n_heads)) if cfg.real else None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, S, H, hd], k and v [B, S, Hkv, hd], biases included, before norm and rotation."""
+        batch, seq, _ = x.shape
+        if self.kind == "local":
+            q = _tpa(self.q_a, self.q_b, x, self.n_heads, self.head_dim) + self.q_bias.view(self.n_heads, -1)
+            k = _tpa(self.k_a, self.k_b, x, self.n_kv_heads, self.head_dim) + self.k_bias.view(self.n_kv_heads, -1)
+            v = _tpa(self.v_a, self.v_b, x, self.n_kv_heads, self.head_dim) + self.v_bias.view(self.n_kv_heads, -1)
+            return q, k, v
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        v_first: torch.Tensor | None = None,
+        value_mix: torch.Tensor | None = None,
+        cache=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output [B, S, D], this layer's materialized V [B, S, Hkv, hd] before any value mixing).
+
+        value_mix is lambda = sigmoid(value_residual_logit): v <- (1 - lambda) * v + lambda * v_first."""
+        batch, seq, _ = x.shape
+        q, k, v = self.project(x)
+        materialized_v = v
+        if value_mix is not None:
+            v = (1 - value_mix) * v + value_mix * v_first
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.kind == "local":
+            cos, sin = rotary_cos_sin(ctx.position_ids, grape_inv_freq(self.grape_log_freq, self.grape_scale))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        elif self.kind == "full":
+            cos, sin = ctx.rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        alibi = self.kind == "global"
+        if cache is None and ctx.kernel == "flex":
+            out = attention_ops.flex_attention(
+                q, k, v, block_mask=ctx.block_mask(self.window), alibi=alibi, sinks=self.sinks, scale=scale)
+        else:
+            k_index, k_doc = ctx.token_index, ctx.doc_ids
+            if cache is not None:
+                k, v, k_index, k_doc = cache.update(k, v, ctx.token_index, ctx.doc_ids)
+            out = attention_ops.reference_attention(
+                q, k, v, q_index=ctx.token_index, k_index=k_index, q_doc=ctx.doc_ids, k_doc=k_doc,
+                window=self.window, alibi=alibi, sinks=self.sinks, scale=scale)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(out), materialized_v
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for name, module in self.named_children():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=out_std if name == "o_proj" else init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        if self.kind == "local":
+            # Start TPA near GQA: head h reads token factor h mod R (see _tpa).
+            for a_proj, n_heads in ((self.q_a, self.n_heads), (self.k_a, self.n_kv_heads), (self.v_a, self.n_kv_heads)):
+                rank = a_proj.out_features // n_heads
+                bias = torch.zeros(n_heads, rank)
+                bias[torch.arange(n_heads), torch.arange(n_heads) % rank] = float(rank)
+                a_proj.bias.copy_(bias.flatten())
+            for bias in (self.q_bias, self.k_bias, self.v_bias):
+                nn.init.zeros_(bias)
+            self.grape_log_freq.copy_(grape_log_freq_init(self.head_dim, self.rope_base, self.grape_scale))
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
+
+
+def _tpa_pair(dim: int, n_heads: int, rank: int, head_dim: int) -> tuple[nn.Linear, nn.Linear]:
+    return nn.Linear(dim, n_heads * rank, bias=True), nn.Linear(dim, rank * head_dim, bias=False)
+
+
+def _tpa(a_proj: nn.Linear, b_proj: nn.Linear, x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Tensor Product Attention factors: x_h = (1/R) * sum_r A[h, r] * B[r, :] -> [B, S, n_heads, head_dim].
+
+    With a.weight = 0 and a.bias = R * onehot(h) for head h (R >= n_heads), head h equals row block h of b:
+    a GQA projection embeds exactly."""
+    batch, seq, _ = x.shape
+    rank = a_proj.out_features // n_heads
+    heads = a_proj(x).view(batch, seq, n_heads, rank)
+    tokens = b_proj(x).view(batch, seq, rank, head_dim)
+    return (heads @ tokens) / rank

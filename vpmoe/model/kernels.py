@@ -1,0 +1,40 @@
+"""Which kernels run the model: a runtime choice, separate from the architecture config.
+
+attention: "reference" (plain math, any device, the oracle) or "flex" (FlexAttention, CUDA only).
+experts:   "padded_bmm" (loop-free gather into an [E, capacity, D] batch, any device and dtype; one host sync for
+           the capacity) or "grouped_mm" (torch._grouped_mm over expert-sorted tokens, CUDA + bf16, no host sync).
+Asking for a kernel that cannot run where the model runs is an error, never a silent switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vpmoe.errors import UserError
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: Literal["reference", "flex"] = "reference"
+    experts: Literal["padded_bmm", "grouped_mm"] = "padded_bmm"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("reference", "flex"):
+            raise UserError(f"unknown attention kernel {self.attention!r} (reference or flex)")
+        if self.experts not in ("padded_bmm", "grouped_mm"):
+            raise UserError(f"unknown experts kernel {self.experts!r} (padded_bmm or grouped_mm)")
+
+    @classmethod
+    def fast(cls) -> Kernels:
+        return cls(attention="flex", experts="grouped_mm")
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.attention == "flex" and device.type != "cuda":
+            raise UserError(f"attention kernel 'flex' needs a CUDA device, the model runs on {device.type}; "
+                            "use Kernels(attention='reference')")
+        if self.experts == "grouped_mm" and (device.type != "cuda" or dtype != torch.bfloat16):
+            raise UserError(f"experts kernel 'grouped_mm' needs CUDA and bfloat16, the model runs on {device.type} "
+                            f"in {dtype}; use Kernels(experts='padded_bmm')")

@@ -1,0 +1,221 @@
+"""Feed-forward layers: the dense ReLU^2 FFN and the MoE layer (router, expert banks, shared expert).
+
+Router (DeepSeek-V3 style with Megatron-Core semantics, all fp32): scores = sigmoid(x W^T); selection on
+scores + expert_bias (a buffer, never trained); group-limited top-k (a group's score is the sum of its top
+topk // group_topk selection scores); weights = the chosen unbiased scores normalized to sum 1, times
+scaling_factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpmoe.model.config import MoESection
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+class DenseFFN(nn.Module):
+    """down(relu(up(x))^2), no gate."""
+
+    def __init__(self, dim: int, width: int, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(dim, width, bias=bias)
+        self.down = nn.Linear(width, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(relu2(self.up(x)))
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=out_std)
+        for layer in (self.up, self.down):
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+@dataclass
+class Routing:
+    experts: torch.Tensor  # [T, k] int64 chosen experts
+    weights: torch.Tensor  # [T, k] fp32, normalized and scaled
+    counts: torch.Tensor  # [E] int64 tokens routed to each expert
+    logits: torch.Tensor  # [T, E] fp32 router logits (for seq_aux_loss)
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, moe: MoESection):
+        super().__init__()
+        self.n_experts, self.topk = moe.n_experts, moe.topk
+        self.n_groups, self.group_topk = moe.n_groups, moe.group_topk
+        self.scaling_factor = moe.scaling_factor
+        self.weight = nn.Parameter(torch.empty(moe.n_experts, dim))
+        self.register_buffer("expert_bias", torch.zeros(moe.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [T, D] -> Routing. No host synchronization."""
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 router math (float64 stays float64 in tests)
+        logits = x.to(wide) @ self.weight.to(wide).t()
+        experts, weights = route(
+            logits, self.topk, self.n_groups, self.group_topk, self.scaling_factor, self.expert_bias)
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten()))
+        return Routing(experts, weights, counts, logits)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing: bias_i += rate * sign(mean(n) - n_i), with n the global counts of one step."""
+        counts = counts.to(device=self.expert_bias.device, dtype=torch.float32)
+        self.expert_bias.add_(rate * torch.sign(counts.mean() - counts))
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float) -> None:
+        nn.init.normal_(self.weight, std=init_std)
+        self.expert_bias.zero_()
+
+
+def route(
+    logits: torch.Tensor,
+    topk: int,
+    n_groups: int,
+    group_topk: int,
+    scaling_factor: float,
+    expert_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited sigmoid top-k of Megatron-Core's topk_routing_with_score_function. Returns (experts [T, k],
+    weights [T, k]); weights are computed from the unbiased scores."""
+    n_tokens, n_experts = logits.shape
+    scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+    selection = scores if expert_bias is None else scores + expert_bias
+    group_scores = selection.view(n_tokens, n_groups, -1).topk(topk // group_topk, dim=-1).values.sum(-1)
+    groups = group_scores.topk(group_topk, dim=-1, sorted=False).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    expert_mask = group_mask.repeat_interleave(n_experts // n_groups, dim=1)
+    experts = selection.masked_fill(~expert_mask, float("-inf")).topk(topk, dim=-1).indices
+    weights = scores.gather(1, experts)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * scaling_factor
+    return experts, weights
+
+
+def seq_aux_loss(logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """Sequence-level balance loss, logits [B, S, E] -> scalar, averaged over sequences (~1.0 when balanced).
+
+    Per sequence: L = E * sum_i f_i * P_i with s' = sigmoid(logits) normalized over experts, P_i = mean_t s'_ti,
+    f_i = (tokens whose plain top-k of s' holds i) / (k * S). Gradients flow through P only."""
+    n_experts, seq = logits.shape[-1], logits.shape[1]
+    scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+    scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    chosen = scores.topk(topk, dim=-1).indices
+    hits = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
+    f = hits.sum(1) / (topk * seq)  # [B, E]
+    p = scores.mean(1)  # [B, E]
+    return (n_experts * (f * p).sum(-1)).mean()
+
+
+class ExpertBank(nn.Module):
+    """E ReLU^2 experts stored as banks: up [E, width, D], down [E, D, width] (torch Linear layout), with biases."""
+
+    def __init__(self, dim: int, n_experts: int, width: int, bias: bool):
+        super().__init__()
+        self.up = nn.Parameter(torch.empty(n_experts, width, dim))
+        self.down = nn.Parameter(torch.empty(n_experts, dim, width))
+        self.up_bias = nn.Parameter(torch.zeros(n_experts, width)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(n_experts, dim)) if bias else None
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, kernel: str) -> torch.Tensor:
+        """x [T, D], experts [T, k] -> per-slot outputs [T, k, D] (unweighted)."""
+        n_tokens, topk = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # slots sorted by expert
+        sorted_experts = flat[order]
+        # index_select rather than x[idx]: its backward is an index_add, not the much slower sort-based index_put.
+        sorted_x = x.index_select(0, order // topk)
+        if kernel == "grouped_mm":
+            y = self._grouped(sorted_x, sorted_experts)
+        else:
+            y = self._padded_bmm(sorted_x, sorted_experts)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return y.index_select(0, unsort).view(n_tokens, topk, -1)
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(self.up.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        # Biases are gathered per row; in fp32 so that their gradients (an index_add over all rows) accumulate in
+        # fp32, not bf16. The fp32 output feeds the fp32 weighted combine anyway.
+        h = _grouped_mm(x, self.up.transpose(-2, -1), offsets)
+        if self.up_bias is not None:
+            h = (h.float() + self.up_bias.float().index_select(0, experts)).to(x.dtype)
+        y = _grouped_mm(relu2(h), self.down.transpose(-2, -1), offsets).float()
+        if self.down_bias is not None:
+            y = y + self.down_bias.float().index_select(0, experts)
+        return y
+
+    def _padded_bmm(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        n_experts = self.up.shape[0]
+        counts = torch.bincount(experts, minlength=n_experts)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(experts.numel(), device=x.device) - starts[experts]  # rank within its expert
+        capacity = int(counts.max()) if experts.numel() else 0  # the one host sync of this path
+        batch = x.new_zeros(n_experts, capacity, x.shape[-1])
+        batch[experts, slot] = x
+        h = batch @ self.up.transpose(-2, -1)
+        if self.up_bias is not None:
+            h = h + self.up_bias[:, None, :]
+        y = relu2(h) @ self.down.transpose(-2, -1)
+        if self.down_bias is not None:
+            y = y + self.down_bias[:, None, :]
+        return y[experts, slot]
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.up, std=init_std)
+        nn.init.normal_(self.down, std=out_std)
+        for bias in (self.up_bias, self.down_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return grouped_mm(a, b, offs=offsets)
+
+
+@dataclass
+class MoEStats:
+    aux_loss: torch.Tensor  # seq_aux_loss of this layer (scalar, unscaled)
+    counts: torch.Tensor  # [E] int64
+
+
+class MoE(nn.Module):
+    """shared(x) + sum_k w_k * expert_k(x)."""
+
+    def __init__(self, dim: int, moe: MoESection, bias: bool):
+        super().__init__()
+        self.topk = moe.topk
+        self.shared = DenseFFN(dim, moe.shared_width, bias)
+        self.experts = ExpertBank(dim, moe.n_experts, moe.expert_width, bias)
+        self.router = Router(dim, moe)
+
+    def forward(self, x: torch.Tensor, kernel: str = "padded_bmm") -> tuple[torch.Tensor, MoEStats]:
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        routing = self.router(flat)
+        routed = self.experts(flat, routing.experts, kernel)  # [T, k, D]
+        wide = torch.promote_types(x.dtype, torch.float32)
+        mixed = (routed.to(wide) * routing.weights[..., None].to(wide)).sum(1).to(x.dtype)
+        out = self.shared(x) + mixed.view(batch, seq, dim)
+        aux = seq_aux_loss(routing.logits.view(batch, seq, -1), self.topk)
+        return out, MoEStats(aux, routing.counts)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        self.shared.reset_parameters(init_std, out_std)
+        self.experts.reset_parameters(init_std, out_std)
+        self.router.reset_parameters(init_std)

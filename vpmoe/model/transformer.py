@@ -1,0 +1,189 @@
+"""The vpMoE / vpDense transformer: embedding, pre-norm blocks, final norm, untied head.
+
+forward(input_ids [B, S], position_ids [B, S] | None, doc_ids [B, S] | None, cache=None) -> ModelOutput
+- doc_ids marks documents within a packed row: attention never crosses a change of doc id (padding may be its
+  own document). position_ids restart at 0 in each document; when omitted they are derived from doc_ids.
+- ModelOutput.aux_loss is the sum over MoE layers of seq_aux_loss (unscaled: multiply by cfg.moe.aux_loss_coeff);
+  ModelOutput.routing_counts is [n_moe_layers, E] int64, tokens routed per expert in this forward, on device.
+- With a KVCache, input_ids continue the cached stream; attention then runs the reference kernel whatever
+  Kernels say (few queries per step, and FlexAttention would recompile for every cache length).
+- Kernels (reference / fast) are a runtime choice, checked against the device and compute dtype on every call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vpmoe.model.attention import Attention, AttentionContext
+from vpmoe.model.cache import KVCache
+from vpmoe.model.config import ModelConfig
+from vpmoe.model.kernels import Kernels
+from vpmoe.model.moe import DenseFFN, MoE
+from vpmoe.model.norms import RMSNorm
+from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
+
+# Parameters and buffers that stay fp32 whatever the compute dtype (see Transformer.cast_).
+FP32_NAMES = ("grape_log_freq", "expert_bias")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    aux_loss: torch.Tensor | None  # sum over MoE layers of seq_aux_loss, unscaled; None for dense models
+    routing_counts: torch.Tensor | None  # [n_moe_layers, E] int64; None for dense models
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        dim, eps = cfg.model.hidden_size, cfg.model.norm_eps
+        self.layer = layer
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(cfg, layer)
+        # Value residual: layers >= 1 of real mode mix in layer 0's V with lambda = sigmoid(logit).
+        self.value_residual_logit = nn.Parameter(torch.zeros(())) if cfg.real and layer > 0 else None
+        self.mlp_norm = RMSNorm(dim, eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(dim, cfg.moe, bias=cfg.real)
+        else:
+            self.mlp = DenseFFN(dim, cfg.ffn.dense_width, bias=cfg.real)
+
+    def forward(self, x, ctx: AttentionContext, experts_kernel: str, v_first=None, cache=None):
+        mix = torch.sigmoid(self.value_residual_logit) if self.value_residual_logit is not None else None
+        attn_out, v = self.attn(self.attn_norm(x), ctx, v_first=v_first, value_mix=mix, cache=cache)
+        x = x + attn_out
+        stats = None
+        if isinstance(self.mlp, MoE):
+            mlp_out, stats = self.mlp(self.mlp_norm(x), experts_kernel)
+        else:
+            mlp_out = self.mlp(self.mlp_norm(x))
+        return x + mlp_out, v, stats
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.attn.reset_parameters(init_std, out_std)
+        self.mlp.reset_parameters(init_std, out_std)
+        if self.value_residual_logit is not None:
+            self.value_residual_logit.zero_()
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.kernels = kernels or Kernels()
+        m = cfg.model
+        self.embed = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, layer) for layer in range(m.n_layers))
+        self.final_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        self.moe_layers = cfg.moe_layers
+        self.init_weights()
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        self.kernels = kernels
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh-model initialization (a no-op on the meta device). Output projections get std / sqrt(2 L)."""
+        m = self.cfg.model
+        out_std = m.init_std / math.sqrt(2 * m.n_layers)
+        nn.init.normal_(self.embed.weight, std=m.init_std)
+        nn.init.normal_(self.head.weight, std=m.init_std)
+        self.final_norm.reset_parameters()
+        for block in self.layers:
+            block.reset_parameters(m.init_std, out_std)
+
+    def cast_(self, dtype: torch.dtype) -> Transformer:
+        """Cast floating parameters and buffers to dtype, except the fp32-only ones (GRAPE-M log-frequencies,
+        expert bias): their precision matters and they are tiny."""
+        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+            if tensor.is_floating_point() and not name.endswith(FP32_NAMES):
+                tensor.data = tensor.data.to(dtype)
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_doc_ids(doc_ids) + start
+        ctx = AttentionContext(
+            position_ids=position_ids,
+            doc_ids=doc_ids,
+            token_index=torch.arange(start, start + seq, device=device),
+            # KV-cache decoding runs the reference kernel: few queries, and flex would recompile per cache length.
+            kernel=self.kernels.attention if cache is None else "reference",
+        )
+        if not self.cfg.real:
+            a = self.cfg.attention
+            ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base, device=device))
+
+        x = self.embed(input_ids)
+        self.kernels.check(device, x.dtype)  # the compute dtype, also under FSDP mixed precision
+        v_first = None
+        aux_losses, counts = [], []
+        for block in self.layers:
+            layer_cache = cache[block.layer] if cache is not None else None
+            x, v, stats = block(x, ctx, self.kernels.experts, v_first=v_first, cache=layer_cache)
+            if block.layer == 0:
+                v_first = v
+            if stats is not None:
+                aux_losses.append(stats.aux_loss)
+                counts.append(stats.counts)
+        if cache is not None:
+            cache.length += seq
+        logits = self.head(self.final_norm(x))
+        if not counts:
+            return ModelOutput(logits, None, None)
+        return ModelOutput(logits, torch.stack(aux_losses).sum(), torch.stack(counts))
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing, once per optimizer step: counts [n_moe_layers, E] are the tokens routed per
+        expert over the whole global batch (summed over micro-batches and all-reduced over ranks)."""
+        if counts.shape != (len(self.moe_layers), self.cfg.moe.n_experts):
+            raise ValueError(f"counts must be [{len(self.moe_layers)}, {self.cfg.moe.n_experts}], got "
+                             f"{list(counts.shape)}")
+        for row, layer in zip(counts, self.moe_layers):
+            self.layers[layer].mlp.router.update_expert_bias(row, self.cfg.moe.bias_update_rate)
+
+    def expert_biases(self) -> torch.Tensor:
+        """[n_moe_layers, E] fp32, for health metrics."""
+        return torch.stack([self.layers[layer].mlp.router.expert_bias for layer in self.moe_layers])
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the doc id changes along a row, [B, S] int64."""
+    batch, seq = doc_ids.shape
+    index = torch.arange(seq, device=doc_ids.device).expand(batch, seq)
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(new_doc, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                kernels: Kernels | None = None) -> Transformer:
+    """Construct on the meta device, allocate on `device`, initialize fresh weights, optionally cast."""
+    with torch.device("meta"):
+        model = Transformer(cfg, kernels)
+    model.to_empty(device=device)
+    model.init_weights()
+    if dtype is not None:
+        model.cast_(dtype)
+    return model
