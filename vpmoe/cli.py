@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     teacher_score.add_argument("config")
     _add_set(teacher_score)
 
+    upcycle = sub.add_parser("upcycle", help="one conversion step between checkpoint objects")
+    upcycle.add_argument("config")
+    _add_set(upcycle)
+
+    train = sub.add_parser("train", help="one training stage; resumes from the run directory")
+    train.add_argument("config")
+    _add_set(train)
+
+    export = sub.add_parser("export", help="checkpoint -> config.json + model safetensors + tokenizer files")
+    export.add_argument("checkpoint", help="a run directory, a training checkpoint or a checkpoint object")
+    export.add_argument("--out", required=True)
+
     demo = sub.add_parser("demo", help="the whole pipeline end to end on CPU, tiny sizes")
     demo.add_argument("--out", default="demo", help="directory for every artifact (replaced if it is a demo)")
 
@@ -71,6 +83,18 @@ def run(args: argparse.Namespace) -> None:
         from vpmoe.teacher.score import score_from_config
 
         score_from_config(args.config, args.overrides)
+    elif args.command == "upcycle":
+        from vpmoe.upcycle.run import upcycle_from_config
+
+        upcycle_from_config(args.config, args.overrides)
+    elif args.command == "train":
+        from vpmoe.train.trainer import train_from_config
+
+        train_from_config(args.config, args.overrides)
+    elif args.command == "export":
+        from vpmoe.export import export
+
+        print(f"wrote {export(args.checkpoint, args.out)}")
     elif args.command == "demo":
         from vpmoe.demo import demo
 
@@ -88,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"vpmoe: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"vpmoe: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vpmoe: interrupted", file=sys.stderr)
         return 130

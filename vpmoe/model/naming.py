@@ -13,7 +13,7 @@ asks this file, so that the naming lives in one place. Names are relative to the
     layers.N.attn.{q,k,v}_bias                    [H*hd]      bias     (local layers: added to the TPA q/k/v)
     layers.N.attn.sinks                           [H]         sink
     layers.N.attn.grape_log_freq                  [head_dim/2] frequency
-    layers.N.value_residual_logit                 []          value_residual
+    layers.N.value_residual_logit                 [1]         value_residual
     layers.N.mlp.{up,down}.weight                 2-D         matrix   (dense FFN)
     layers.N.mlp.shared.{up,down}.weight          2-D         matrix   (shared expert)
     layers.N.mlp.experts.{up,down}                [E, out, in] expert_bank

@@ -1,6 +1,8 @@
 """The vpMoE / vpDense transformer: embedding, pre-norm blocks, final norm, untied head.
 
 forward(input_ids [B, S], position_ids [B, S] | None, doc_ids [B, S] | None, cache=None) -> ModelOutput
+- logits_at (bool [B, S], optional) computes logits only at those positions: ModelOutput.logits is then [N, V]
+  in row-major order (training needs them at supervised positions only; the 201088-wide head dominates).
 - doc_ids marks documents within a packed row: attention never crosses a change of doc id (padding may be its
   own document). position_ids restart at 0 in each document; when omitted they are derived from doc_ids.
 - ModelOutput.aux_loss is the sum over MoE layers of seq_aux_loss (unscaled: multiply by cfg.moe.aux_loss_coeff);
@@ -45,7 +47,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(cfg, layer)
         # Value residual: layers >= 1 of real mode mix in layer 0's V with lambda = sigmoid(logit).
-        self.value_residual_logit = nn.Parameter(torch.zeros(())) if cfg.real and layer > 0 else None
+        # Shape [1], not a 0-dim scalar: FSDP2 cannot shard 0-dim parameters.
+        self.value_residual_logit = nn.Parameter(torch.zeros(1)) if cfg.real and layer > 0 else None
         self.mlp_norm = RMSNorm(dim, eps)
         if cfg.is_moe_layer(layer):
             self.mlp = MoE(dim, cfg.moe, bias=cfg.real)
@@ -114,6 +117,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         batch, seq = input_ids.shape
         device = input_ids.device
@@ -147,7 +151,10 @@ class Transformer(nn.Module):
                 counts.append(stats.counts)
         if cache is not None:
             cache.length += seq
-        logits = self.head(self.final_norm(x))
+        hidden = self.final_norm(x)
+        if logits_at is not None:  # the head only where a loss needs it: [N, V] instead of [B, S, V]
+            hidden = hidden[logits_at]
+        logits = self.head(hidden)
         if not counts:
             return ModelOutput(logits, None, None)
         return ModelOutput(logits, torch.stack(aux_losses).sum(), torch.stack(counts))

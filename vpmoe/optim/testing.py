@@ -47,7 +47,7 @@ def small_model_shapes(d: int = 24, e: int = 4, h: int = 6, vocab: int = 50) -> 
         "layers.0.mlp_norm.weight": (d,),
         "layers.0.mlp.up.weight": (40, d),
         "layers.0.mlp.down.weight": (d, 40),
-        "layers.1.value_residual_logit": (),
+        "layers.1.value_residual_logit": (1,),
         "layers.1.attn.q_proj.weight": (16, d),
         "layers.1.attn.k_proj.weight": (8, d),
         "layers.1.attn.o_proj.weight": (d, 16),

@@ -1,0 +1,119 @@
+"""Training checkpoints: one DCP directory per step, written under a temporary name and renamed when complete.
+
+    <run>/checkpoints/step_0000100/   model + optimizer (DCP, sharded per rank), trainer_rank<r>.pt (scheduler,
+                                      loader, step, RNG of rank r, ...), config.toml, provenance.json,
+                                      complete.json (written last, before the rename)
+Only directories named step_NNNNNNN that hold complete.json are ever resumed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from vpmoe.train.distributed import Dist, barrier
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+COMPLETE = "complete.json"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, d: Dist, files: dict[str, str], keep: int
+) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). `files` are small text files for rank 0."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if d.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet(d):
+        dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{d.rank}.pt")
+    barrier(d)
+    if d.is_main:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": d.world_size}) + "\n")
+        if final.exists():  # a complete checkpoint of this step exists (e.g. re-saved after resume): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    barrier(d)
+    return final
+
+
+def load(path: Path, model, optimizer, d: Dist) -> dict:
+    """Load model and optimizer (resharding to this world size) and return this rank's trainer state."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet(d):
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    own = path / f"trainer_rank{d.rank}.pt"
+    # With a different world size, ranks without their own file take rank 0's (RNG streams then differ).
+    trainer_state = torch.load(own if own.exists() else path / "trainer_rank0.pt", weights_only=False)
+    set_rng_state(trainer_state.pop("rng"))
+    return trainer_state
+
+
+@contextlib.contextmanager
+def _single_process_quiet(d: Dist):
+    """DCP warns that it assumes a single process when no process group exists: that is the intent here."""
+    with warnings.catch_warnings():
+        if not d.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -1,0 +1,46 @@
+"""Model FLOPs per token, for MFU.
+
+Per token, forward: 2 FLOPs per active matmul weight (every linear layer and expert that the token passes
+through, the output head included, the embedding lookup excluded), plus attention scores and values:
+2 * 2 * n_heads * head_dim FLOPs per visible key (QK^T and PV). Causal layers see (S + 1) / 2 keys on average
+over a sequence of S; windowed layers see the mean of min(i + 1, window). Training = 3 x forward
+(backward costs two forward matmuls). MFU = achieved model FLOPs/s / the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vpmoe.model.config import ModelConfig
+from vpmoe.model.params import count_params
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device name.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def visible_keys(seq_len: int, window: int | None) -> float:
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    counts = count_params(cfg)
+    matmul = counts["kinds"]["matrix"] + counts["kinds"]["router"] + counts["kinds"]["head"]
+    # Routed experts: only top_k of them per token.
+    experts = counts["kinds"]["expert_bank"]
+    if cfg.moe.enabled:
+        experts = experts * cfg.moe.topk / cfg.moe.n_experts
+    forward = 2 * (matmul + experts)
+    a = cfg.attention
+    for layer in range(cfg.model.n_layers):
+        window = a.window if cfg.layer_kind(layer) == "local" else None
+        forward += 4 * a.n_heads * a.head_dim * visible_keys(seq_len, window)
+    return 3 * forward
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
