@@ -39,6 +39,13 @@ class ModelOutput:
     routing_counts: torch.Tensor | None  # [n_moe_layers, E] int64; None for dense models
 
 
+@dataclass
+class BodyOutput:
+    hidden: torch.Tensor  # [B, S, D], after the final norm
+    aux_loss: torch.Tensor | None
+    routing_counts: torch.Tensor | None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -119,6 +126,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
+        out = self.body(input_ids, position_ids, doc_ids, cache)
+        hidden = out.hidden
+        if logits_at is not None:  # the head only where a loss needs it: [N, V] instead of [B, S, V]
+            hidden = hidden[logits_at]
+        return ModelOutput(self.head(hidden), out.aux_loss, out.routing_counts)
+
+    def body(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> BodyOutput:
+        """Everything but the head: the final-normed hidden states [B, S, D] and the MoE statistics."""
         batch, seq = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -138,7 +159,7 @@ class Transformer(nn.Module):
             ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base, device=device))
 
         x = self.embed(input_ids)
-        self.kernels.check(device, x.dtype)  # the compute dtype, also under FSDP mixed precision
+        self.kernels.check(device, compute_dtype(x))
         v_first = None
         aux_losses, counts = [], []
         for block in self.layers:
@@ -152,12 +173,9 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += seq
         hidden = self.final_norm(x)
-        if logits_at is not None:  # the head only where a loss needs it: [N, V] instead of [B, S, V]
-            hidden = hidden[logits_at]
-        logits = self.head(hidden)
         if not counts:
-            return ModelOutput(logits, None, None)
-        return ModelOutput(logits, torch.stack(aux_losses).sum(), torch.stack(counts))
+            return BodyOutput(hidden, None, None)
+        return BodyOutput(hidden, torch.stack(aux_losses).sum(), torch.stack(counts))
 
     @torch.no_grad()
     def update_expert_bias(self, counts: torch.Tensor) -> None:
@@ -172,6 +190,14 @@ class Transformer(nn.Module):
     def expert_biases(self) -> torch.Tensor:
         """[n_moe_layers, E] fp32, for health metrics."""
         return torch.stack([self.layers[layer].mlp.router.expert_bias for layer in self.moe_layers])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on for x's device (fp32 master weights, bf16 compute),
+    else x's own (which is the parameters' dtype, also under FSDP mixed precision)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,11 @@ def check_vocabulary(path: str | Path) -> dict:
     """Refuse a teacher whose vocabulary or special-token ids differ from ours; return what was checked."""
     path = Path(path)
     cfg = read_config(path)
+    if is_vpmoe_checkpoint(cfg):  # our own models speak our tokenizer by construction; only the size can differ
+        vocab = cfg["model"]["vocab_size"]
+        if vocab != tk.VOCAB_SIZE:
+            raise UserError(f"teacher {path.name}: a vpmoe model with {vocab} ids, not {tk.VOCAB_SIZE}")
+        return {"vocab_size": vocab, "format": "vpmoe"}
     vocab = cfg.get("vocab_size")
     if vocab != tk.VOCAB_SIZE:
         raise UserError(
@@ -175,10 +180,44 @@ def _gpus(score: ScoreSection, local_rank: int) -> list[int]:
     return mine
 
 
+def is_vpmoe_checkpoint(cfg: dict) -> bool:
+    """A vpmoe checkpoint object or export (our ModelConfig in config.json) rather than a Hugging Face model."""
+    return {"model", "attention", "ffn"} <= cfg.keys()
+
+
+class _VpmoeBody(torch.nn.Module):
+    """A vpmoe Transformer seen as a Hugging Face body: input_ids -> .last_hidden_state (final-normed)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.model.body(input_ids).hidden)
+
+
+def _load_vpmoe(path: Path, teacher: TeacherSection, score: ScoreSection, local_rank: int) -> Teacher:
+    from vpmoe.export import load_any
+
+    if score.device_map != "none":
+        raise UserError("a vpmoe teacher runs on one device: set score.device_map = \"none\"")
+    device = "cpu" if score.device == "cpu" else f"cuda:{_gpus(score, local_rank)[0]}"
+    model, _ = load_any(path, device=device, dtype=TORCH_DTYPES[teacher.dtype])
+    model.eval().requires_grad_(False)
+    return Teacher(model=model, body=_VpmoeBody(model), head_weight=model.head.weight, head_bias=None,
+                   input_device=torch.device(device), placement=device)
+
+
 def load_teacher(teacher: TeacherSection, score: ScoreSection, local_rank: int = 0) -> Teacher:
-    """Check the vocabulary, then load the teacher for inference with the configured precision and placement."""
+    """Check the vocabulary, then load the teacher for inference with the configured precision and placement.
+
+    The teacher is a Hugging Face causal LM, or a vpmoe checkpoint object / export (e.g. an earlier student)."""
     path = Path(teacher.path)
     check_vocabulary(path)
+    if is_vpmoe_checkpoint(read_config(path)):
+        return _load_vpmoe(path, teacher, score, local_rank)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
