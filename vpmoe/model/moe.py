@@ -149,15 +149,16 @@ class ExpertBank(nn.Module):
         offsets = counts.cumsum(0, dtype=torch.int32)
         # Biases are gathered per row; in fp32 so that their gradients (an index_add over all rows) accumulate in
         # fp32, not bf16. The fp32 output feeds the fp32 weighted combine anyway.
-        # grouped_mm has no autocast rule: under autocast (fp32 master weights) cast to the bf16 compute dtype here.
+        # Under autocast (fp32 master weights, bf16 compute) the casts are explicit and autocast is off here, so
+        # that its rules for grouped_mm (if any) cannot change the dtypes.
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        x = x.to(dtype)
-        h = _grouped_mm(x, self.up.to(dtype).transpose(-2, -1), offsets)
-        if self.up_bias is not None:
-            h = (h.float() + self.up_bias.float().index_select(0, experts)).to(dtype)
-        y = _grouped_mm(relu2(h), self.down.to(dtype).transpose(-2, -1), offsets).float()
-        if self.down_bias is not None:
-            y = y + self.down_bias.float().index_select(0, experts)
+        with torch.autocast("cuda", enabled=False):
+            h = _grouped_mm(x.to(dtype), self.up.to(dtype).transpose(-2, -1), offsets)
+            if self.up_bias is not None:
+                h = (h.float() + self.up_bias.float().index_select(0, experts)).to(dtype)
+            y = _grouped_mm(relu2(h), self.down.to(dtype).transpose(-2, -1), offsets).float()
+            if self.down_bias is not None:
+                y = y + self.down_bias.float().index_select(0, experts)
         return y
 
     def _padded_bmm(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

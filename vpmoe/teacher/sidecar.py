@@ -138,3 +138,20 @@ class TeacherSidecar:
             topk_logprobs=np.asarray(self.topk_logprobs[i]).view(np.float16).reshape(n, self.k),
             target_logprob=np.asarray(self.target_logprob[i]).view(np.float16),
         )
+
+
+def batch_rows(sidecar: TeacherSidecar, sample_index, device) -> dict:
+    """The sidecar entries of a batch of samples as tensors, in the row-major order of the batch's supervised
+    positions (the loader's `label_spans > 0`): topk_ids [N, K] int32, topk_logprobs [N, K] and
+    target_logprob [N] float32."""
+    import torch
+
+    parts = [sidecar.sample(int(i)) for i in sample_index]
+    def stack(name, dtype):
+        return torch.from_numpy(np.concatenate([getattr(p, name) for p in parts]).astype(dtype)).to(device)
+
+    return {
+        "topk_ids": stack("topk_ids", np.int32),
+        "topk_logprobs": stack("topk_logprobs", np.float32),
+        "target_logprob": stack("target_logprob", np.float32),
+    }

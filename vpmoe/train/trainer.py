@@ -30,6 +30,7 @@ from vpmoe.model import Kernels, build_model, load_config, load_model_config, lo
 from vpmoe.model.config import model_config_to_dict
 from vpmoe.model.naming import freeze_group
 from vpmoe.optim import build_optimizer, build_scheduler
+from vpmoe.teacher.sidecar import TeacherSidecar, batch_rows
 from vpmoe.train import checkpoint, health, losses
 from vpmoe.train.config import TrainConfig, load_train_config
 from vpmoe.train.distributed import Dist, all_reduce_sum, setup, shard_model
@@ -119,8 +120,6 @@ class Trainer:
                              rank=d.rank, world_size=d.world_size)
         self.teacher = None
         if self.stage == "kd_offline":
-            from vpmoe.teacher.sidecar import TeacherSidecar
-
             self.teacher = TeacherSidecar(cfg.data.path, "train")
         self.span_weights = torch.tensor([0.0, *cfg.loss.span_weights], device=d.device)
         self.step = 0
@@ -200,7 +199,9 @@ class Trainer:
         cfg, d = self.cfg, self.d
         batches = [next(self.loader).to(d.device) for _ in range(cfg.data.grad_accum)]
         counts = all_reduce_sum(sum(losses.span_counts(b.label_spans) for b in batches), d)
-        teachers = [self.teacher_rows(b) for b in batches] if self.teacher is not None else [None] * len(batches)
+        teachers = [None] * len(batches)
+        if self.teacher is not None:
+            teachers = [batch_rows(self.teacher, b.sample_index.tolist(), d.device) for b in batches]
         if cfg.loss.confidence_ce > 0:
             self.update_confidence_mean(teachers)
 
@@ -265,18 +266,6 @@ class Trainer:
             terms["aux"] = aux / self.d.world_size  # logged as the mean over ranks after the sum-reduce
             loss = loss + aux
         return loss, terms, sums, out.routing_counts
-
-    def teacher_rows(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The sidecar entries of a micro-batch, in the row-major order of its supervised positions."""
-        parts = [self.teacher.sample(int(i)) for i in batch.sample_index.tolist()]
-        device = self.d.device
-        return {
-            "topk_ids": torch.from_numpy(np.concatenate([p.topk_ids for p in parts])).to(device),
-            "topk_logprobs": torch.from_numpy(np.concatenate([p.topk_logprobs for p in parts]).astype(np.float32))
-            .to(device),
-            "target_logprob": torch.from_numpy(np.concatenate([p.target_logprob for p in parts]).astype(np.float32))
-            .to(device),
-        }
 
     def update_confidence_mean(self, teachers: list[dict]) -> None:
         """EMA of the global batch's mean teacher log-prob of the actual tokens (exact across resume)."""
