@@ -187,3 +187,9 @@ def test_two_ranks_follow_the_single_process_loss_curve(tmp_path, small_dataset)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["spans"]["final"]["tokens"] == y["spans"]["final"]["tokens"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_train_configs_load(path):
+    cfg = load_train_config(str(path))
+    assert (ROOT / cfg.model.config).is_file()
