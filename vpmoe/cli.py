@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     _add_set(train)
 
+    evaluate = sub.add_parser("eval", help="core eval -> eval/<step>.{json,md} beside the checkpoint; several "
+                                           "checkpoints -> also a comparison table and plot")
+    evaluate.add_argument("config", nargs="?", help="an eval config (configs/eval/*.toml)")
+    evaluate.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                          help="a run dir, training checkpoint or checkpoint object (repeat to compare several)")
+    evaluate.add_argument("--dataset", help="a built dataset for held-out loss (default: the config's, else none)")
+    evaluate.add_argument("--all-steps", action="store_true", help="evaluate every checkpoint of a run directory")
+    evaluate.add_argument("--out", help="directory for the comparison of several checkpoints")
+    _add_set(evaluate)
+
     export = sub.add_parser("export", help="checkpoint -> config.json + model safetensors + tokenizer files")
     export.add_argument("checkpoint", help="a run directory, a training checkpoint or a checkpoint object")
     export.add_argument("--out", required=True)
@@ -91,6 +101,10 @@ def run(args: argparse.Namespace) -> None:
         from vpmoe.train.trainer import train_from_config
 
         train_from_config(args.config, args.overrides)
+    elif args.command == "eval":
+        from vpmoe.eval.run import eval_from_cli
+
+        eval_from_cli(args.config, args.checkpoint, args.dataset, args.all_steps, args.out, args.overrides)
     elif args.command == "export":
         from vpmoe.export import export
 
