@@ -1,0 +1,140 @@
+"""Step 5: `vpDense` -> `vpMoE` (granular upcycling; exact at init when noise is 0).
+
+For every MoE layer (layers >= moe.first_moe_layer; earlier layers are dense and copied), with the dense FFN of
+width W = G * expert_width (G = 4 slices of 128 for the real model) and E = n_experts experts:
+- expert j gets slice s = j mod G of the dense FFN: up rows / up bias [s*w:(s+1)*w], down columns [:, s*w:(s+1)*w]
+  times G / scaling_factor (4 / 2.5 = 1.6); expert down bias 0.
+- virtual groups: experts G*r .. G*r + G - 1 share one router row (E / G rows drawn N(0, router_std^2) from the
+  seed, then each replicated G times); expert_bias 0.
+- shared expert: up = the dense up (all W units, weights and bias), down weight 0, down bias = the dense down bias.
+  (Any up would do at init since its down is 0; the dense up gives it features that already mean something.)
+
+Why it is exact: replicated rows give the G experts of a virtual group the same score. A routing group of
+n_experts / n_groups experts holds whole virtual groups (G divides it), so the routing group that holds the best
+virtual group has the highest group score and is kept, and when the best virtual group is unique its G experts
+are strictly the top scores among the kept groups: top-k (k = G) picks exactly them, whatever the tie-breaking
+among them. Their weights are equal, scaling_factor / G each, so the routed sum is
+sum_s (2.5 / G) * (G / 2.5) * down_s relu^2(up_s x + b_s) = the dense FFN without its down bias, which the shared
+expert adds. The construction needs topk == G (checked). It stops being exact only where two virtual groups tie
+for the best score in fp32; the drift report counts such tokens (`router_near_ties`).
+
+Noise (optional, symmetry breaking): every expert's up and down get N(0, (noise * std(tensor))^2) added, from the
+seed; the scale and the drift it causes are recorded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vpmoe.errors import UserError
+from vpmoe.model.config import ModelConfig, model_config_to_dict
+from vpmoe.model.transformer import Transformer, build_model
+
+
+def check_geometry(source: ModelConfig, target: ModelConfig) -> int:
+    """Returns G, the number of slices (= experts per virtual group)."""
+    s, t = model_config_to_dict(source), model_config_to_dict(target)
+    for d in (s, t):
+        d["model"].pop("name")
+        d.pop("moe")
+    if s != t or not target.moe.enabled or source.moe.enabled:
+        raise UserError("granular upcycling turns a dense model into an MoE of the same shape otherwise; the source "
+                        "and target configs differ elsewhere")
+    m, width = target.moe, source.ffn.dense_width
+    if width % m.expert_width:
+        raise UserError(f"ffn.dense_width {width} is not a multiple of moe.expert_width {m.expert_width}")
+    g = width // m.expert_width
+    per_group = m.n_experts // m.n_groups
+    problems = []
+    if m.topk != g:
+        problems.append(f"moe.topk {m.topk} must equal the number of slices {g}")
+    if m.n_experts % g or per_group % g:
+        problems.append(f"{g}-expert virtual groups must tile the {m.n_groups} routing groups of {per_group}")
+    if m.shared_width != width:
+        problems.append(f"moe.shared_width {m.shared_width} must equal ffn.dense_width {width}")
+    if problems:
+        raise UserError("granular upcycling refused: " + "; ".join(problems))
+    return g
+
+
+@torch.no_grad()
+def convert(source: Transformer, cfg: ModelConfig, seed: int = 0, router_std: float = 0.02,
+            noise: float = 0.0) -> tuple[Transformer, dict]:
+    g = check_geometry(source.cfg, cfg)
+    m = cfg.moe
+    w = m.expert_width
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(cfg)
+    src = source.state_dict()
+    sd = model.state_dict()
+    for name, tensor in sd.items():  # everything but the MoE FFNs is copied as is
+        if ".mlp." not in name or not model.cfg.is_moe_layer(int(name.split(".")[1])):
+            tensor.copy_(src[name])
+    noise_std = {}
+    slices = torch.arange(m.n_experts) % g
+    for layer in cfg.moe_layers:
+        p = f"layers.{layer}.mlp."
+        up, up_b = src[p + "up.weight"], src[p + "up.bias"]
+        down, down_b = src[p + "down.weight"], src[p + "down.bias"]
+        up_slices = up.view(g, w, -1)  # [G, w, D]
+        down_slices = down.view(down.shape[0], g, w).permute(1, 0, 2)  # [G, D, w]
+        experts_up = up_slices[slices].clone()
+        experts_down = down_slices[slices] * (g / m.scaling_factor)
+        if noise > 0:
+            up_std, down_std = float(up.std()), float(down.std())
+            experts_up += torch.randn(experts_up.shape, generator=gen) * (noise * up_std)
+            experts_down += torch.randn(experts_down.shape, generator=gen) * (noise * down_std * g / m.scaling_factor)
+            noise_std[str(layer)] = {"up": noise * up_std, "down": noise * down_std * g / m.scaling_factor}
+        sd[p + "experts.up"].copy_(experts_up)
+        sd[p + "experts.down"].copy_(experts_down)
+        sd[p + "experts.up_bias"].copy_(up_b.view(g, w)[slices])
+        sd[p + "experts.down_bias"].zero_()
+        rows = torch.randn(m.n_experts // g, cfg.model.hidden_size, generator=gen) * router_std
+        sd[p + "router.weight"].copy_(rows.repeat_interleave(g, dim=0))
+        sd[p + "router.expert_bias"].zero_()
+        sd[p + "shared.up.weight"].copy_(up)
+        sd[p + "shared.up.bias"].copy_(up_b)
+        sd[p + "shared.down.weight"].zero_()
+        sd[p + "shared.down.bias"].copy_(down_b)
+    details = {
+        "slices": g,
+        "virtual_groups": m.n_experts // g,
+        "expert_slice": "expert j gets slice j mod G",
+        "down_scale": g / m.scaling_factor,
+        "router_std": router_std,
+        "noise": noise,
+        "noise_std": noise_std,
+        "shared_expert": "up = dense up; down weight 0; down bias = dense down bias",
+        "moe_layers": cfg.moe_layers,
+    }
+    return model, details
+
+
+@torch.no_grad()
+def router_margins(model: Transformer, rows, g: int, tol: float = 1e-6) -> dict:
+    """On the calibration rows: per MoE layer, the smallest gap between the best and second-best virtual group's
+    score, and the tokens whose gap is below `tol` (where the construction may stop being exact)."""
+    gaps: dict[int, list[torch.Tensor]] = {layer: [] for layer in model.moe_layers}
+    hooks = []
+    for layer in model.moe_layers:
+        router = model.layers[layer].mlp.router
+
+        def hook(mod, args, layer=layer):
+            x = args[0].float()
+            scores = torch.sigmoid(x @ mod.weight[::g].float().T) + mod.expert_bias[::g]
+            top2 = scores.topk(2, dim=-1).values
+            gaps[layer].append(top2[:, 0] - top2[:, 1])
+
+        hooks.append(router.register_forward_pre_hook(hook))
+    try:
+        for row in rows:
+            model(torch.from_numpy(row.tokens.astype("int64"))[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    all_gaps = {layer: torch.cat(v) for layer, v in gaps.items()}
+    return {
+        "min_gap": min(float(v.min()) for v in all_gaps.values()) if all_gaps else None,
+        "router_near_ties": sum(int((v < tol).sum()) for v in all_gaps.values()),
+        "tie_tolerance": tol,
+    }

@@ -1,0 +1,132 @@
+"""Step 3: `vpDense0-5_28.compat` -> `vpDense0-5_28.real` (lossy only where the function must change).
+
+Per layer (kind from the target config: global when (l + 1) % global_every == 0, else local):
+- every layer: norms copied; o_proj weight copied, o/qkv/MLP biases added as zeros; FFN copied; sinks at
+  `sink_init` and value-residual logits at `value_residual_init` (default -10: exp(-10) in the softmax
+  denominator, lambda = sigmoid(-10) ~ 4.5e-5, so both are near-identity).
+- global layers: q/k/v projections copied (plain GQA); NoPE + ALiBi replace RoPE (the intended shock).
+- local layers: GRAPE-M log-frequencies = scale * log(theta_i), theta_i = base^(-2i/head_dim): frozen, this is
+  RoPE exactly (the model's own init, set explicitly). Sliding window (the intended shock).
+  K and V exactly through the A-bias: A weight 0, A bias R * onehot(kv head) so that kv head h equals token
+  factor h, whose B rows are the compat projection rows of head h (requires R_kv >= n_kv_heads; rows of the
+  unused factors are 0). Q by truncated SVD across heads: W_q viewed as M [n_heads, head_dim * D] = U S V^T,
+  rank R_q: A bias = R_q * sqrt(n_heads) * U[:, :R_q] (A weight 0), B_r = S_r V_r^T / sqrt(n_heads) (so a
+  rank-1 M with equal heads gives A bias = R_q, B = the head's rows, as for K/V). Signs are fixed so that the
+  largest-magnitude entry of each V_r is positive (deterministic). The relative Frobenius error
+  |M - M_R| / |M| is recorded per local layer (0 when R_q >= n_heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vpmoe.errors import UserError
+from vpmoe.model.config import ModelConfig
+from vpmoe.model.positions import grape_log_freq_init
+from vpmoe.model.transformer import Transformer, build_model
+
+
+def check_geometry(source: ModelConfig, target: ModelConfig) -> None:
+    s, t = source, target
+    problems = []
+    if s.model.mode != "compat" or t.model.mode != "real":
+        problems.append("the morph turns a compat model into a real one")
+    for section, key in (("model", "vocab_size"), ("model", "hidden_size"), ("model", "n_layers"),
+                         ("attention", "n_heads"), ("attention", "n_kv_heads"), ("attention", "head_dim"),
+                         ("attention", "rope_base"), ("ffn", "dense_width")):
+        a, b = getattr(getattr(s, section), key), getattr(getattr(t, section), key)
+        if a != b:
+            problems.append(f"{section}.{key}: source {a} vs target {b}")
+    if t.moe.enabled:
+        problems.append("the target must be dense")
+    if t.attention.tpa_kv_rank < t.attention.n_kv_heads:
+        problems.append(f"attention.tpa_kv_rank {t.attention.tpa_kv_rank} < n_kv_heads {t.attention.n_kv_heads}: "
+                        f"K/V cannot embed exactly")
+    if problems:
+        raise UserError("morph refused: " + "; ".join(problems))
+
+
+def svd_heads(weight: torch.Tensor, n_heads: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-`rank` TPA factors of a GQA projection [n_heads * hd, D]: (A bias [n_heads, rank], B [rank * hd, D],
+    relative Frobenius error)."""
+    out_dim, dim = weight.shape
+    hd = out_dim // n_heads
+    m = weight.double().reshape(n_heads, hd * dim)
+    u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, s.numel())
+    u, s, vt = u[:, :k], s[:k], vt[:k]
+    flip = torch.sign(vt.gather(1, vt.abs().argmax(1, keepdim=True)))[:, 0]
+    flip[flip == 0] = 1
+    u, vt = u * flip, vt * flip[:, None]
+    a_bias = torch.zeros(n_heads, rank, dtype=torch.float64)
+    b = torch.zeros(rank, hd * dim, dtype=torch.float64)
+    a_bias[:, :k] = rank * math.sqrt(n_heads) * u
+    b[:k] = s[:, None] * vt / math.sqrt(n_heads)
+    approx = (a_bias / rank) @ b
+    err = float((m - approx).norm() / m.norm().clamp_min(1e-300))
+    return a_bias.float(), b.reshape(rank * hd, dim).float(), err
+
+
+def kv_exact(weight: torch.Tensor, n_kv: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias R * onehot(head) [n_kv, R] and B [R * hd, D] whose first n_kv factors are the head rows."""
+    hd = weight.shape[0] // n_kv
+    a_bias = torch.zeros(n_kv, rank)
+    a_bias[torch.arange(n_kv), torch.arange(n_kv)] = float(rank)
+    b = torch.zeros(rank * hd, weight.shape[1])
+    b[: n_kv * hd] = weight
+    return a_bias, b
+
+
+@torch.no_grad()
+def convert(source: Transformer, cfg: ModelConfig, sink_init: float = -10.0,
+            value_residual_init: float = -10.0) -> tuple[Transformer, dict]:
+    check_geometry(source.cfg, cfg)
+    a = cfg.attention
+    model = build_model(cfg)
+    src = source.state_dict()
+    sd = model.state_dict()
+    for name in ("embed.weight", "head.weight", "final_norm.weight"):
+        sd[name].copy_(src[name])
+    svd_errors = {}
+    kinds = []
+    for layer, block in enumerate(model.layers):
+        p = f"layers.{layer}."
+        kinds.append(block.attn.kind)
+        for name in ("attn_norm.weight", "mlp_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight",
+                     "attn.o_proj.weight", "mlp.up.weight", "mlp.down.weight"):
+            sd[p + name].copy_(src[p + name])
+        for name, tensor in sd.items():  # every bias starts at zero (the TPA A biases are set below)
+            if name.startswith(p) and (name.endswith(".bias") or name.endswith("_bias")):
+                tensor.zero_()
+        sd[p + "attn.sinks"].fill_(sink_init)
+        if block.value_residual_logit is not None:
+            sd[p + "value_residual_logit"].fill_(value_residual_init)
+        if block.attn.kind == "global":
+            for name in ("q_proj", "k_proj", "v_proj"):
+                sd[p + f"attn.{name}.weight"].copy_(src[p + f"attn.{name}.weight"])
+            continue
+        sd[p + "attn.grape_log_freq"].copy_(grape_log_freq_init(a.head_dim, a.rope_base, a.grape_log_freq_scale))
+        a_bias, b, err = svd_heads(src[p + "attn.q_proj.weight"], a.n_heads, a.tpa_q_rank)
+        sd[p + "attn.q_a.weight"].zero_()
+        sd[p + "attn.q_a.bias"].copy_(a_bias.flatten())
+        sd[p + "attn.q_b.weight"].copy_(b)
+        svd_errors[str(layer)] = err
+        for name in ("k", "v"):
+            a_bias, b = kv_exact(src[p + f"attn.{name}_proj.weight"], a.n_kv_heads, a.tpa_kv_rank)
+            sd[p + f"attn.{name}_a.weight"].zero_()
+            sd[p + f"attn.{name}_a.bias"].copy_(a_bias.flatten())
+            sd[p + f"attn.{name}_b.weight"].copy_(b)
+    details = {
+        "layer_kinds": kinds,
+        "q_svd_rank": a.tpa_q_rank,
+        "q_svd_relative_error": svd_errors,
+        "q_svd_relative_error_mean": sum(svd_errors.values()) / max(len(svd_errors), 1),
+        "sink_init": sink_init,
+        "value_residual_init": value_residual_init,
+        "exact": ["GRAPE-M = RoPE (frozen frequencies)", "K/V through the A-bias", "zero biases"],
+        "function_changes": ["window on local layers", "NoPE + ALiBi on global layers",
+                             "rank-R_q Q on local layers", "sinks and value residual (near-identity)"],
+    }
+    return model, details
