@@ -1,55 +1,153 @@
-"""`vpmoe demo`: the pipeline end to end on CPU with tiny sizes and the real code paths.
+"""`vpmoe demo`: the whole pipeline end to end on CPU with tiny sizes and the real code paths.
 
-Stages run in order; each prints what it made and where, and the run ends with a table of stage times and
-artifacts. Stages that exist today: corpus -> dataset (more join as the pipeline grows).
+corpus (deterministic SYNTH-schema arithmetic problems) -> dataset -> a small dense teacher trained with CE ->
+teacher scoring (top-K sidecar) -> a tiny vpMoE student trained from one initialization twice, with CE only and
+with offline KD -> core eval of both (held-out loss per span, held-out KL to the teacher, micro-suite) -> a
+comparison table and where every artifact lies.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
-from vpmoe.data.inspect import inspect
 from vpmoe.errors import UserError
 
-RECORDS = 3000
-SEQ_LEN = 512
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MARKER = ".vpmoe-demo"
 
 
-def demo(out: str, records: int = RECORDS) -> list[tuple[str, float, str]]:
+@dataclass
+class DemoSize:
+    records: int = 1200
+    teacher_steps: int = 150
+    student_steps: int = 120
+    eval_samples: int = 48  # valid samples for held-out metrics
+    suite_items: int = 0  # 0 = the whole micro-suite
+    max_new_tokens: int = 48
+
+
+def _train(config: str, run_dir: Path, dataset: Path, steps: int, extra: list[str]) -> Path:
+    from vpmoe.train.config import load_train_config
+    from vpmoe.train.trainer import train
+
+    overrides = [f"run.dir={json.dumps(str(run_dir))}", f"data.path={json.dumps(str(dataset))}",
+                 f"train.steps={steps}", f"checkpoint.every={steps}", f"train.log_every={max(steps // 10, 1)}",
+                 *extra]
+    return train(load_train_config(str(CONFIGS / "train" / config), overrides))
+
+
+def demo(out: str, size: DemoSize | None = None) -> dict:
+    size = size or DemoSize()
     root = Path(out)
     if root.exists():
-        if not (root / ".vpmoe-demo").exists():
+        if not (root / MARKER).exists():
             raise UserError(f"{root} exists and is not a demo directory: choose another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    (root / ".vpmoe-demo").touch()
-    table: list[tuple[str, float, str]] = []
+    (root / MARKER).touch()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    times: dict[str, float] = {}
+    where: dict[str, str] = {}
 
-    def stage(name: str, fn: Callable[[], str]) -> None:
-        print(f"\n== {name}")
+    def stage(name: str, fn: Callable[[], Path]):
+        print(f"\n== {name}", flush=True)
         start = time.perf_counter()
-        where = fn()
-        table.append((name, time.perf_counter() - start, where))
+        result = fn()
+        times[name] = time.perf_counter() - start
+        where[name] = str(result)
+        return result
 
-    stage("corpus", lambda: str(synthetic.write_corpus(root / "corpus", records, shards=2, seed=0)[0].parent))
-    dataset = root / "dataset"
-    stage("dataset", lambda: str(build(DataSection(
-        inputs=[str(root / "corpus" / "*.jsonl")], format="synth", out=str(dataset), seq_len=SEQ_LEN, pack=True,
-        valid_fraction=0.05, workers=2,
-    ))))
+    corpus = stage("corpus", lambda: synthetic.write_corpus(root / "corpus", size.records, shards=2, seed=0)[0].parent)
+    dataset = stage("dataset", lambda: build(DataSection(
+        inputs=[str(corpus / "*.jsonl")], format="synth", out=str(root / "dataset"), seq_len=512, pack=True,
+        valid_fraction=0.1, workers=2)))
 
-    summary = io.StringIO()
-    inspect(str(dataset), out=summary)
-    print("\n".join(summary.getvalue().splitlines()[:4]))
+    def teacher() -> Path:
+        from vpmoe.export import export
 
-    print("\n== summary")
-    print(f"{'stage':<10} {'seconds':>8}  artifact")
-    for name, seconds, where in table:
-        print(f"{name:<10} {seconds:>8.1f}  {where}")
-    return table
+        run = _train("tiny_ce.toml", root / "runs" / "teacher", dataset, size.teacher_steps,
+                     [f"model.config={json.dumps(str(CONFIGS / 'model' / 'demo_teacher.toml'))}"])
+        return export(run, root / "teacher")
+
+    teacher_dir = stage("teacher", teacher)
+
+    def scoring() -> Path:
+        from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
+        from vpmoe.teacher.score import score
+
+        cfg = ScoreConfig(TeacherSection(path=str(teacher_dir), dataset=str(dataset), k=32, dtype="float32"),
+                          ScoreSection(device="cpu", batch_tokens=8192, shard_samples=64))
+        score(cfg, config_hash="demo")
+        return dataset / "train" / "teacher"
+
+    stage("scoring", scoring)
+
+    def init() -> Path:
+        from vpmoe.model import build_model, load_model_config, save_model
+
+        torch.manual_seed(0)
+        return save_model(build_model(load_model_config(CONFIGS / "model" / "tiny_moe.toml")), root / "student_init")
+
+    student_init = stage("student init", init)
+    init_from = [f"model.init_from={json.dumps(str(student_init))}"]
+    students = {
+        "CE only": stage("student CE", lambda: _train("tiny_ce.toml", root / "runs" / "student_ce", dataset,
+                                                      size.student_steps, init_from)),
+        "offline KD": stage("student KD", lambda: _train("tiny_kd.toml", root / "runs" / "student_kd", dataset,
+                                                         size.student_steps, init_from)),
+    }
+
+    def evaluate() -> Path:
+        from vpmoe.eval.run import evaluate_checkpoint
+
+        for label, run in students.items():
+            result = evaluate_checkpoint(run, dataset=str(dataset), max_samples=size.eval_samples,
+                                         max_new_tokens=size.max_new_tokens, suite_items=size.suite_items,
+                                         parts=["heldout", "teacher_kl", "suite", "sanity"])
+            reports[label] = result.report
+            where[f"eval {label}"] = str(result.md_path)
+        return root / "runs"
+
+    reports: dict[str, dict] = {}
+    stage("eval", evaluate)
+    summary = summarize(reports, times, where)
+    (root / "summary.json").write_text(json.dumps({"reports": reports, "seconds": times, "artifacts": where},
+                                                  indent=2, default=str) + "\n")
+    print(summary)
+    return {"reports": reports, "seconds": times, "artifacts": where}
+
+
+def summarize(reports: dict[str, dict], times: dict[str, float], where: dict[str, str]) -> str:
+    labels = list(reports)
+    rows = [
+        ("held-out CE, reasoning", lambda r: r["heldout"]["spans"]["reasoning"]["loss"], "{:.3f}"),
+        ("held-out CE, final", lambda r: r["heldout"]["spans"]["final"]["loss"], "{:.3f}"),
+        ("held-out KL to teacher, reasoning", lambda r: r["teacher_kl"]["reasoning"]["kl"], "{:.3f}"),
+        ("held-out KL to teacher, final", lambda r: r["teacher_kl"]["final"]["kl"], "{:.3f}"),
+        ("micro-suite accuracy", lambda r: r["suite"]["accuracy"], "{:.1%}"),
+        ("valid Harmony generations", lambda r: r["suite"]["parse_valid_share"], "{:.1%}"),
+    ]
+    width = max(len(name) for name, _, _ in rows) + 2
+    lines = ["", "== comparison (tiny vpMoE student, same initialization, same steps)",
+             f"{'':<{width}}" + "".join(f"{label:>14}" for label in labels)]
+    for name, get, fmt in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"{fmt.format(get(reports[label])):>14}" for label in labels))
+    kd, ce = (reports[label]["teacher_kl"]["all"]["kl"] for label in ("offline KD", "CE only"))
+    verdict = "beats" if kd < ce else "does NOT beat"
+    lines.append(f"\nThe KD student {verdict} the CE-only student on held-out KL to the teacher "
+                 f"({kd:.3f} vs {ce:.3f} nats per supervised token).")
+    lines.append("\n== time per stage")
+    lines += [f"{name:<{width}}{seconds:>8.1f}s" for name, seconds in times.items()]
+    lines.append(f"{'total':<{width}}{sum(times.values()):>8.1f}s")
+    lines.append("\n== artifacts")
+    lines += [f"{name:<{width}}{path}" for name, path in where.items()]
+    return "\n".join(lines)

@@ -52,7 +52,9 @@ def generate(
     position_ids = (index - pads[:, None]).clamp(min=0)
 
     cache = KVCache(model.cfg)
-    logits = model(ids, position_ids, doc_ids, cache=cache).logits[:, -1]
+    last = torch.zeros_like(ids, dtype=torch.bool)
+    last[:, -1] = True  # the prefill needs the head at the last position only
+    logits = model(ids, position_ids, doc_ids, cache=cache, logits_at=last).logits
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
