@@ -39,7 +39,8 @@ def _train(config: str, run_dir: Path, dataset: Path, steps: int, extra: list[st
     from vpmoe.train.config import load_train_config
     from vpmoe.train.trainer import train
 
-    overrides = [f"run.dir={json.dumps(str(run_dir))}", f"data.path={json.dumps(str(dataset))}",
+    overrides = [f"model.config={json.dumps(str(CONFIGS / 'model' / 'tiny_moe.toml'))}",  # extra may replace it
+                 f"run.dir={json.dumps(str(run_dir))}", f"data.path={json.dumps(str(dataset))}",
                  f"train.steps={steps}", f"checkpoint.every={steps}", f"train.log_every={max(steps // 10, 1)}",
                  *extra]
     return train(load_train_config(str(CONFIGS / "train" / config), overrides))
