@@ -42,6 +42,7 @@ def _train(config: str, run_dir: Path, dataset: Path, steps: int, extra: list[st
     overrides = [f"model.config={json.dumps(str(CONFIGS / 'model' / 'tiny_moe.toml'))}",  # extra may replace it
                  f"run.dir={json.dumps(str(run_dir))}", f"data.path={json.dumps(str(dataset))}",
                  f"train.steps={steps}", f"checkpoint.every={steps}", f"train.log_every={max(steps // 10, 1)}",
+                 f"optim.warmup_steps={min(5, max(steps // 4, 1))}",
                  *extra]
     return train(load_train_config(str(CONFIGS / "train" / config), overrides))
 
