@@ -56,7 +56,6 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / MARKER).touch()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     times: dict[str, float] = {}
     where: dict[str, str] = {}
 
