@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from openai_harmony import RenderConversationConfig
-
 from vpmoe import tokenizer as tk
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
@@ -48,6 +46,9 @@ def corpus(directory: Path, target_tokens: float, shards: int) -> tuple[list[Pat
 
 
 def bare_render(rows: list[dict], seconds: float = 20.0) -> float:
+    # Imported here: the build's spawned workers import this script again and should start as light as the CLI's.
+    from openai_harmony import RenderConversationConfig
+
     harmony = tk.harmony()
     config = RenderConversationConfig(auto_drop_analysis=False)
     conversations = [harmony_conversation(r["query"], r["synthetic_reasoning"], r["synthetic_answer"], "medium")

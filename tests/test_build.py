@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,7 @@ from vpmoe.data.build import DataSection, build
 from vpmoe.data.harmony import HarmonyRenderer, split_of
 from vpmoe.data.indexed import IndexedReader
 from vpmoe.errors import UserError
+from vpmoe.provenance import file_sha256
 
 
 def section(tmp_path, inputs, **kw):
@@ -46,7 +49,7 @@ def test_unpacked_build_is_the_rendered_records_split_by_id_hash(tmp_path):
             assert np.array_equal(tokens[i], ref.tokens) and np.array_equal(spans[i], ref.spans)
         counts = np.bincount(np.concatenate([spans[i] for i in range(len(spans))]), minlength=3)
         assert list(manifest["splits"][split]["span_tokens"].values()) == counts.tolist()
-    assert manifest["inputs"][0]["records"] == 120 and len(manifest["inputs"][0]["sha256"]) == 64
+    assert manifest["inputs"][0] == {"name": src.name, "sha256": file_sha256(src), "records": 120}
     assert manifest["provenance"]["tokenizer_sha256"] == tk.O200K_SHA256
     assert not (tmp_path / "ds.partial").exists()
 
@@ -73,7 +76,9 @@ def test_parquet_and_text_inputs(tmp_path):
     rows = synthetic.records(30, seed=4)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     ds = build(section(tmp_path, [tmp_path / "a.parquet"], valid_fraction=0.0))
-    assert json.loads((ds / "manifest.json").read_text())["records"]["accepted"] == 30
+    manifest = json.loads((ds / "manifest.json").read_text())
+    assert manifest["records"]["accepted"] == 30
+    assert manifest["inputs"][0]["sha256"] == file_sha256(tmp_path / "a.parquet")
 
     text = [{"id": f"t{i}", "text": "Healing text. " * (20 + 60 * i)} for i in range(4)]
     src = synthetic.write_jsonl(tmp_path / "t.jsonl", text)
@@ -95,6 +100,18 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path):
     for split in ("train", "valid"):
         for name in ("tokens.bin", "tokens.idx", "spans.bin", "spans.idx"):
             assert (one / split / name).read_bytes() == (two / split / name).read_bytes()
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (one, two)]
+    assert manifests[0]["inputs"] == manifests[1]["inputs"]
+    assert [e["sha256"] for e in manifests[1]["inputs"]] == [file_sha256(p) for p in inputs]
+
+
+def test_a_worker_error_stops_a_parallel_build(tmp_path):
+    inputs = synthetic.write_corpus(tmp_path / "src", 40, shards=4, seed=7)
+    with open(inputs[2], "ab") as f:
+        f.write(b'{"synth_id": "x1", "query": "q"\n')
+    with pytest.raises(UserError, match=r"synth_002.jsonl:11: not valid JSON"):
+        build(section(tmp_path, inputs, workers=2))
+    assert not (tmp_path / "ds").exists()
 
 
 @pytest.mark.parametrize("line, message", [
@@ -159,6 +176,45 @@ def test_resume_skips_done_shards_and_refuses_changed_inputs(tmp_path, monkeypat
     inputs[0].write_text(inputs[0].read_text().replace("answer", "ANSWER"))
     with pytest.raises(UserError, match="input files changed.*synth_000.jsonl"):
         build(section(tmp_path, inputs, out=str(tmp_path / "again")))
+
+
+def test_resume_checks_rendered_inputs_by_sha256_and_the_others_by_size_and_mtime(tmp_path, monkeypatch):
+    inputs = synthetic.write_corpus(tmp_path / "src", 90, shards=3, seed=10)
+    real = build_module.render_shard
+
+    def crash_on_third(index, *args):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(index, *args)
+
+    def interrupted(out):
+        monkeypatch.setattr(build_module, "render_shard", crash_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            build(section(tmp_path, inputs, out=str(tmp_path / out)))
+        monkeypatch.setattr(build_module, "render_shard", real)
+
+    # Same bytes, new mtime: a rendered shard is still reused.
+    interrupted("touched")
+    os.utime(inputs[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+    calls = []
+    monkeypatch.setattr(build_module, "render_shard", lambda index, *a: (calls.append(index), real(index, *a)))
+    build(section(tmp_path, inputs, out=str(tmp_path / "touched")))
+    assert calls == [2]
+    monkeypatch.setattr(build_module, "render_shard", real)
+
+    # New bytes of the same size, old mtime: the sha256 of the rendered shard's file catches it.
+    interrupted("edited")
+    stat = inputs[1].stat()
+    inputs[1].write_text(inputs[1].read_text().replace("We need", "WE NEED"))
+    os.utime(inputs[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(UserError, match=r"input files changed: \['[^,]*synth_001.jsonl'\]"):
+        build(section(tmp_path, inputs, out=str(tmp_path / "edited")))
+
+    # A file not rendered yet that changed.
+    interrupted("unrendered")
+    inputs[2].write_text(inputs[2].read_text() + "\n")
+    with pytest.raises(UserError, match=r"input files changed: \['[^,]*synth_002.jsonl'\]"):
+        build(section(tmp_path, inputs, out=str(tmp_path / "unrendered")))
 
 
 def test_existing_output_and_missing_inputs_are_refused(tmp_path):

@@ -28,3 +28,28 @@ def test_lengths_must_add_up(tmp_path):
     w = IndexedWriter(tmp_path / "y", np.int32)
     with pytest.raises(ValueError):
         w.add_many(np.arange(5), np.array([2, 2]))
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_add_file_appends_the_same_bytes_as_add_many(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr("os.copy_file_range", refuse, raising=False)
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 1000, size=n).astype(np.int32) for n in (7, 300_000, 9, 0)]
+    lengths = [np.array([len(p)]) for p in parts]
+    with IndexedWriter(tmp_path / "a", np.int32) as w:
+        for p, n in zip(parts, lengths):
+            w.add_many(p, n)
+    with IndexedWriter(tmp_path / "b", np.int32) as w:
+        for i, (p, n) in enumerate(zip(parts, lengths)):
+            if i % 2:
+                p.tofile(tmp_path / f"part{i}")
+                w.add_file(tmp_path / f"part{i}", n)
+            else:
+                w.add_many(p, n)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()
+    with pytest.raises(ValueError, match="file size"):
+        IndexedWriter(tmp_path / "c", np.int32).add_file(tmp_path / "part1", np.array([3]))

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 
 from vpmoe.model import Kernels, Transformer
 from vpmoe.model import attention_ops
@@ -110,7 +111,8 @@ def test_grouped_mm_experts_match_padded_bmm_and_loop():
     assert int(counts.sum()) == int(counts64.sum()) == 4 * 512 * cfg.moe.topk
 
 
-def test_whole_model_fast_kernels_match_reference_kernels():
+@pytest.mark.parametrize("options", ["eager", "compiled", "compiled+checkpointing"])
+def test_whole_model_fast_kernels_match_reference_kernels(options):
     torch.manual_seed(0)
     cfg = model_config("tiny_moe", "model.vocab_size=512", "model.hidden_size=128", "attention.window=32")
     model = Transformer(cfg).cuda().cast_(torch.bfloat16)  # bf16 weights; the float64 oracle holds the same values
@@ -118,18 +120,25 @@ def test_whole_model_fast_kernels_match_reference_kernels():
     doc_ids = (torch.arange(256, device="cuda") >= 100).long().expand(2, 256).clone()
     doc_ids[1] = 0
 
-    def run(kernels, dtype):
+    def run(kernels, dtype, options="eager"):
         m = Transformer(cfg).cuda()
         m.load_state_dict(model.state_dict())
         m.cast_(dtype)
         m.set_kernels(kernels)
+        m.activation_checkpointing = "checkpointing" in options
+        if "compiled" in options:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            m.compile_blocks()
         out = m(ids, doc_ids=doc_ids)
+        if "compiled" in options:  # the fast path compiles whole: no graph break, no fallback to eager
+            assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         loss = out.logits.float().square().mean() + out.aux_loss
         grads = torch.autograd.grad(loss, [p for _, p in m.named_parameters()], allow_unused=True)
         return out.logits, dict(zip([n for n, _ in m.named_parameters()], grads))
 
     logits64, grads64 = run(Kernels(), torch.float64)
-    logits_fast, grads_fast = run(Kernels.fast(), torch.bfloat16)
+    logits_fast, grads_fast = run(Kernels.fast(), torch.bfloat16, options)
     logits16, grads16 = run(Kernels(), torch.bfloat16)
     report("model/logits", rel(logits_fast, logits64), rel(logits16, logits64), 2e-2)
     names = [n for n in grads64 if grads64[n] is not None]

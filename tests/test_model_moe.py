@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vpmoe.model.config import MoESection
-from vpmoe.model.moe import MoE, Router, relu2, route, seq_aux_loss
+from vpmoe.model.moe import (MoE, Router, SortedBiasAdd, group_limit_binds, relu2, route, seq_aux_loss,
+                             top_k_indices)
 from vpmoe.model.testing import model_config
 from vpmoe.model.transformer import Transformer
 
@@ -54,9 +55,11 @@ def test_spec_group_limit_never_changes_the_plain_top4():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2000, SPEC.n_experts, generator=g)
     bias = torch.randn(SPEC.n_experts, generator=g) * 0.1
-    experts, _ = route(logits, SPEC.topk, SPEC.n_groups, SPEC.group_topk, SPEC.scaling_factor, bias)
+    _, group_limited = megatron_routing(logits, SPEC, bias)  # Megatron-Core applies the group limit
     plain = (torch.sigmoid(logits) + bias).topk(SPEC.topk, dim=-1).indices
-    assert torch.equal(experts.sort(-1).values, plain.sort(-1).values)
+    assert torch.equal(group_limited, torch.zeros_like(group_limited).scatter(1, plain, True))
+    # So route() may skip it for these knobs, and only for these of the tested groupings.
+    assert [group_limit_binds(topk, n, k) for n, k, topk in GROUPINGS] == [False, True, True, True]
 
 
 def test_router_is_group_limited():
@@ -161,10 +164,11 @@ def _moe(seed=0):
     return cfg, moe
 
 
-def test_moe_padded_bmm_path_equals_per_expert_loop_forward_and_gradients():
+@pytest.mark.parametrize("kernel", ["padded_bmm", "loop"])
+def test_moe_kernel_equals_per_expert_loop_forward_and_gradients(kernel):
     cfg, moe = _moe()
     x = torch.randn(3, 20, cfg.model.hidden_size, dtype=f64, requires_grad=True)
-    got, stats = moe(x, "padded_bmm")
+    got, stats = moe(x, kernel)
     want = loop_moe(moe, x)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
     weight = torch.randn_like(got)
@@ -203,3 +207,30 @@ def test_model_exposes_aux_loss_and_routing_counts():
     assert out.aux_loss.ndim == 0 and float(out.aux_loss.detach()) >= n_moe * 0.99  # each layer's loss is >= ~1
     dense = Transformer(model_config("tiny_real", "model.vocab_size=128"))(ids)
     assert dense.aux_loss is None and dense.routing_counts is None
+
+
+def test_top_k_indices_equals_torch_topk():
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 4):
+        assert torch.equal(top_k_indices(x, k), x.topk(k, dim=-1).indices)
+
+
+def test_sorted_bias_add_gradient_equals_index_select_autograd():
+    """The bias gradient is a bf16 GEMM (as the expert weights' gradients): within bf16 rounding of the
+    float64 index_select autograd; the row gradient passes through exactly."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7, 21])  # empty experts, odd sizes
+    experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    rows = torch.randn(int(counts.sum()), 32, generator=g).bfloat16().requires_grad_()
+    bias = torch.randn(len(counts), 32, generator=g, requires_grad=True)
+    weight = torch.randn(int(counts.sum()), 32, generator=g)
+    got = SortedBiasAdd.apply(rows, bias, experts, torch.bfloat16)
+    rows64, bias64 = rows.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    want = rows64 + bias64.index_select(0, experts)
+    torch.testing.assert_close(got.double(), want)
+    got_rows, got_bias = torch.autograd.grad((got * weight).sum(), [rows, bias])
+    want_rows, want_bias = torch.autograd.grad((want * weight.double()).sum(), [rows64, bias64])
+    assert got_bias.dtype == torch.float32 and got_rows.dtype == torch.bfloat16
+    torch.testing.assert_close(got_rows.double(), want_rows.bfloat16().double(), rtol=0, atol=0)
+    torch.testing.assert_close(got_bias.double(), want_bias, rtol=2e-2, atol=2e-2)
+    assert (got_bias[[1, 4]] == 0).all()

@@ -155,3 +155,30 @@ def test_build_model_is_deterministic_under_a_seed_and_initializes_everything():
         assert torch.isfinite(x).all(), name
     attn = a.layers[0].attn
     torch.testing.assert_close(attn.grape_log_freq[1], torch.tensor(-16 * (2 / 16) * 13.815510557964274))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = model_config("tiny_moe", "model.vocab_size=128")
+    torch.manual_seed(0)
+    model = Transformer(cfg).double()
+    ids = torch.randint(0, 128, (2, 40))
+    doc_ids = (torch.arange(40) >= 17).long().expand(2, 40)
+
+    def loss_and_grads(checkpointing):
+        model.activation_checkpointing = checkpointing
+        saved = []  # elements of the tensors autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(ids, doc_ids=doc_ids)
+        loss = out.logits.square().mean() + out.aux_loss
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return loss, grads, out.routing_counts, sum(saved)
+
+    loss, grads, counts, saved = loss_and_grads(False)
+    loss_ckpt, grads_ckpt, counts_ckpt, saved_ckpt = loss_and_grads(True)
+    assert saved_ckpt < saved / 3  # the blocks' activations are recomputed, not kept
+    assert torch.equal(counts, counts_ckpt)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-12, atol=0)
+    for (name, _), a, b in zip(model.named_parameters(), grads_ckpt, grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

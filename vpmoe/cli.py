@@ -51,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     _add_set(train)
 
+    autotune = sub.add_parser("autotune", help="largest micro-batch that fits (GPU) and the accumulation for a "
+                                               "target global batch")
+    autotune.add_argument("config", help="a training config (configs/train/*.toml)")
+    autotune.add_argument("--seq-len", type=int, help="sequence length (default: the config's data.seq_len)")
+    autotune.add_argument("--target-global-batch", type=int, nargs="+", default=[256, 512], metavar="SEQUENCES")
+    autotune.add_argument("--world-size", type=int, default=1, help="data-parallel ranks the plan is for")
+    autotune.add_argument("--max-micro-batch", type=int, default=256)
+    autotune.add_argument("--out", help="also write the report as JSON here")
+    _add_set(autotune)
+
+    prof = sub.add_parser("profile", help="profile the training step -> summary JSON (kernels, phases, memory)")
+    prof.add_argument("config", help="a training config (configs/train/*.toml)")
+    prof.add_argument("--out", default="reports/perf/profile.json")
+    prof.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, optimizer state)")
+    prof.add_argument("--steps", type=int, default=5, help="timed steps")
+    prof.add_argument("--profiled-steps", type=int, default=2, help="steps under the profiler")
+    _add_set(prof)
+
     evaluate = sub.add_parser("eval", help="core eval -> eval/<step>.{json,md} beside the checkpoint; several "
                                            "checkpoints -> also a comparison table and plot")
     evaluate.add_argument("config", nargs="?", help="an eval config (configs/eval/*.toml)")
@@ -101,6 +119,30 @@ def run(args: argparse.Namespace) -> None:
         from vpmoe.train.trainer import train_from_config
 
         train_from_config(args.config, args.overrides)
+    elif args.command == "autotune":
+        from vpmoe.perf.autotune import autotune, print_report
+
+        for name, value in (("--world-size", args.world_size), ("--max-micro-batch", args.max_micro_batch),
+                            *(("--target-global-batch", t) for t in args.target_global_batch)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        report = autotune(args.config, args.overrides, args.seq_len, args.target_global_batch, args.world_size,
+                          args.max_micro_batch)
+        print_report(report)
+        if args.out:
+            import json
+
+            from vpmoe.provenance import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.out}")
+    elif args.command == "profile":
+        from vpmoe.perf.profile import profile_config
+
+        for name, value in (("--steps", args.steps), ("--profiled-steps", args.profiled_steps)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        profile_config(args.config, args.overrides, args.out, args.warmup, args.steps, args.profiled_steps)
     elif args.command == "eval":
         from vpmoe.eval.run import eval_from_cli
 

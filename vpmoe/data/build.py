@@ -1,15 +1,16 @@
 """`vpmoe data build`: source records -> dataset directory (Megatron IndexedDataset files + manifest).
 
-Each input file is one shard, rendered by a worker process into `<out>.partial/shards/NNNNN/`; a shard is done
-when its `stats.json` exists, so an interrupted build resumes where it stopped. The merge concatenates the
-shards in input order, writes `manifest.json`, and renames `<out>.partial` to `<out>`: a directory at `out` is
-always complete.
+Each input file is one shard, rendered by a worker process into `<out>.partial/shards/NNNNN/`; the worker
+hashes the file in the same pass. A shard is done when its `stats.json` (which holds that sha256) exists, so an
+interrupted build resumes where it stopped. The merge concatenates the shards in input order, writes
+`manifest.json`, and renames `<out>.partial` to `<out>`: a directory at `out` is always complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import multiprocessing as mp
 import queue
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
@@ -30,6 +30,7 @@ from vpmoe.data.records import ID_FIELD, read_records
 from vpmoe.errors import UserError
 
 SCHEMA_VERSION = 1
+PLAN_VERSION = 2  # 2: inputs are identified by (size, mtime_ns) up front, by sha256 once rendered
 SPLITS = ("train", "valid")
 REJECT_EXAMPLES = 5
 
@@ -94,20 +95,14 @@ def build(data: DataSection) -> Path:
     inputs = expand_inputs(data.inputs)
     partial = out.with_name(out.name + ".partial")
     identity = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("workers", "out", "inputs")}
-    plan = {
-        "config": identity,
-        "inputs": [{"name": provenance.portable_name(p), "sha256": provenance.file_sha256(p)} for p in inputs],
-    }
-    _start_or_resume(partial, plan)
-
+    plan = {"version": PLAN_VERSION, "config": identity, "inputs": [_file_identity(p) for p in inputs]}
     shards = partial / "shards"
-    todo = [i for i in range(len(inputs)) if not (shards / f"{i:05d}" / "stats.json").exists()]
-    system = system_tokens(data.reasoning_effort)
-    jobs = [(i, str(inputs[i]), data, system) for i in todo]
-    total_bytes = sum(inputs[i].stat().st_size for i in todo)
-    _run_shards(jobs, shards, data.workers, total_bytes)
+    _start_or_resume(partial, plan, inputs)
 
-    manifest = _merge(partial, shards, inputs, plan, data)
+    todo = [i for i in range(len(inputs)) if not (shards / f"{i:05d}" / "stats.json").exists()]
+    _run_shards(todo, inputs, data, shards, sum(plan["inputs"][i]["size"] for i in todo))
+
+    manifest = _merge(partial, shards, inputs, data)
     provenance.atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(shards)
     (partial / "plan.json").unlink()
@@ -115,40 +110,74 @@ def build(data: DataSection) -> Path:
     return out
 
 
-def _start_or_resume(partial: Path, plan: dict) -> None:
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"name": provenance.portable_name(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _start_or_resume(partial: Path, plan: dict, inputs: list[Path]) -> None:
     plan_file = partial / "plan.json"
-    if partial.exists():
-        if not plan_file.exists():
-            raise UserError(f"{partial} exists but is not a build in progress: remove it")
-        previous = json.loads(plan_file.read_text())
-        if previous != plan:
-            changed = [p["name"] for p in plan["inputs"] if p not in previous["inputs"]]
-            what = f"input files changed: {changed}" if changed else "the config or the input list changed"
-            raise UserError(
-                f"cannot resume the build in {partial}: {what}. Remove {partial} to start over"
-            )
-        print(f"resuming the build in {partial}")
+    if not partial.exists():
+        (partial / "shards").mkdir(parents=True)
+        provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
         return
-    (partial / "shards").mkdir(parents=True)
-    provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
+    if not plan_file.exists():
+        raise UserError(f"{partial} exists but is not a build in progress: remove it")
+    previous = json.loads(plan_file.read_text())
+    if previous.get("version") != PLAN_VERSION:
+        raise _cannot_resume(partial, "another vpmoe version started it")
+    names = lambda p: [entry["name"] for entry in p["inputs"]]
+    if previous["config"] != plan["config"] or names(previous) != names(plan):
+        raise _cannot_resume(partial, "the config or the input list changed")
+    # A rendered shard is reused only if its file still has the sha256 it was rendered from; a file not rendered
+    # yet must still have the size and mtime it had when the build started.
+    changed = []
+    for i, (path, before, now) in enumerate(zip(inputs, previous["inputs"], plan["inputs"])):
+        stats = partial / "shards" / f"{i:05d}" / "stats.json"
+        if stats.exists():
+            if provenance.file_sha256(path) != json.loads(stats.read_text())["sha256"]:
+                changed.append(now["name"])
+        elif before != now:
+            changed.append(now["name"])
+    if changed:
+        raise _cannot_resume(partial, f"input files changed: {changed}")
+    print(f"resuming the build in {partial}")
 
 
-def _run_shards(jobs: list, shards: Path, workers: int, total_bytes: int) -> None:
+def _cannot_resume(partial: Path, why: str) -> UserError:
+    return UserError(f"cannot resume the build in {partial}: {why}. Remove {partial} to start over")
+
+
+def _run_shards(todo: list[int], inputs: list[Path], data: DataSection, shards: Path, total_bytes: int) -> None:
+    # Imported here, so that the spawned workers (which import this module) skip it.
+    from tqdm import tqdm
+
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="build", disable=None)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            render_shard(*job, shards, bar.update)
+    workers = min(data.workers, len(todo))
+    if workers <= 1:
+        system = system_tokens(data.reasoning_effort)
+        for i in todo:
+            render_shard(i, str(inputs[i]), data, system, shards, bar.update)
         bar.close()
         return
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress,)) as pool:
-        pending = [pool.apply_async(_render_in_worker, (job, shards)) for job in jobs]
-        while pending:
+    outcomes = queue.Queue()  # None for each shard done, or the exception a worker raised
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
+        system = system_tokens(data.reasoning_effort)  # loads openai-harmony here while the workers start
+        for i in todo:
+            job = (i, str(inputs[i]), data, system)
+            pool.apply_async(_render_in_worker, (job, shards), callback=outcomes.put, error_callback=outcomes.put)
+        done = 0
+        while done < len(todo):
             _drain(progress, bar)
-            for result in [r for r in pending if r.ready()]:
-                result.get()  # re-raises a worker's error (a UserError keeps its message)
-                pending.remove(result)
+            try:
+                outcome = outcomes.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if outcome is not None:
+                raise outcome  # a worker's error (a UserError keeps its message)
+            done += 1
         _drain(progress, bar)
     bar.close()
 
@@ -159,6 +188,7 @@ _PROGRESS = None
 def _init_worker(progress) -> None:
     global _PROGRESS
     _PROGRESS = progress
+    tk.encoding()  # load the tokenizer while the main process prepares the jobs
 
 
 def _render_in_worker(job: tuple, shards: Path) -> None:
@@ -167,7 +197,6 @@ def _render_in_worker(job: tuple, shards: Path) -> None:
 
 def _drain(progress, bar) -> None:
     try:
-        bar.update(progress.get(timeout=0.2))
         while True:
             bar.update(progress.get_nowait())
     except queue.Empty:
@@ -183,8 +212,9 @@ def render_shard(index: int, path: str, data: DataSection, system: list[int], sh
     truncated: dict[str, int] = {}
     facets: dict[str, dict[str, int]] = {"language": {}, "exercise": {}}
     id_field = ID_FIELD[data.format]
+    digest = hashlib.sha256()
     pending_bytes = 0
-    for line, record, consumed in read_records(Path(path), data.format):
+    for line, record, consumed in read_records(Path(path), data.format, digest):
         record_id = record[id_field]
         if record_id in seen:
             raise UserError(f"{path}:{line}: duplicate record id {record_id!r} (first seen on line {seen[record_id]})")
@@ -226,8 +256,9 @@ def render_shard(index: int, path: str, data: DataSection, system: list[int], sh
         flat_spans = np.concatenate(spans) if spans else np.zeros(0, np.uint8)
         if data.pack:
             flat_tokens, flat_spans, lengths = pack(flat_tokens, flat_spans, lengths, data.seq_len)
-        np.save(directory / f"{split}_tokens.npy", flat_tokens)
-        np.save(directory / f"{split}_spans.npy", flat_spans)
+        # Raw values, which the merge copies into the dataset files as they are.
+        flat_tokens.astype(np.int32, copy=False).tofile(directory / f"{split}_tokens.bin")
+        flat_spans.astype(np.uint8, copy=False).tofile(directory / f"{split}_spans.bin")
         np.save(directory / f"{split}_lengths.npy", lengths)
         split_stats[split] = {
             "samples": len(lengths),
@@ -237,8 +268,8 @@ def render_shard(index: int, path: str, data: DataSection, system: list[int], sh
         }
     (directory / "ids.json").write_text(json.dumps(seen))
     stats = {
-        "records": len(seen), "rejects": rejects, "truncated": truncated, "splits": split_stats,
-        "facets": facets if data.format == "synth" else {},
+        "sha256": digest.hexdigest(), "records": len(seen), "rejects": rejects, "truncated": truncated,
+        "splits": split_stats, "facets": facets if data.format == "synth" else {},
     }
     provenance.atomic_write_text(directory / "stats.json", json.dumps(stats))
 
@@ -262,23 +293,27 @@ def pack(tokens: np.ndarray, spans: np.ndarray, lengths: np.ndarray, seq_len: in
     return packed_tokens, packed_spans, sample_lengths
 
 
-def _merge(partial: Path, shards: Path, inputs: list[Path], plan: dict, data: DataSection) -> dict:
-    first_seen: dict[str, str] = {}
+def _merge(partial: Path, shards: Path, inputs: list[Path], data: DataSection) -> dict:
+    first_seen: dict[str, int] = {}  # record id -> index of the first input that has it
     rejects: dict[str, dict] = {}
     truncated: dict[str, int] = {}
     facets: dict[str, dict[str, int]] = {}
     splits = {s: {"samples": 0, "documents": 0, "tokens": 0, "span_tokens": [0, 0, 0]} for s in SPLITS}
     records = 0
-    input_records = []
+    input_list = []
     shard_dirs = [shards / f"{i:05d}" for i in range(len(inputs))]
-    for path, directory in zip(inputs, shard_dirs):
-        for record_id, line in json.loads((directory / "ids.json").read_text()).items():
-            if record_id in first_seen:
-                raise UserError(f"{path}:{line}: duplicate record id {record_id!r} (also at {first_seen[record_id]})")
-            first_seen[record_id] = f"{path}:{line}"
+    for i, (path, directory) in enumerate(zip(inputs, shard_dirs)):
+        ids = json.loads((directory / "ids.json").read_text())
+        if not first_seen.keys().isdisjoint(ids):
+            record_id = min(first_seen.keys() & ids.keys(), key=ids.get)
+            j = first_seen[record_id]
+            line = json.loads((shard_dirs[j] / "ids.json").read_text())[record_id]
+            raise UserError(f"{path}:{ids[record_id]}: duplicate record id {record_id!r} (also at {inputs[j]}:{line})")
+        first_seen.update(dict.fromkeys(ids, i))
         stats = json.loads((directory / "stats.json").read_text())
         records += stats["records"]
-        input_records.append(stats["records"])
+        name = provenance.portable_name(path)
+        input_list.append({"name": name, "sha256": stats["sha256"], "records": stats["records"]})
         for reason, entry in stats["rejects"].items():
             total = rejects.setdefault(reason, {"count": 0, "examples": []})
             total["count"] += entry["count"]
@@ -299,13 +334,12 @@ def _merge(partial: Path, shards: Path, inputs: list[Path], plan: dict, data: Da
                 IndexedWriter(partial / split / "spans", np.uint8) as spans:
             for directory in shard_dirs:
                 lengths = np.load(directory / f"{split}_lengths.npy")
-                tokens.add_many(np.load(directory / f"{split}_tokens.npy"), lengths)
-                spans.add_many(np.load(directory / f"{split}_spans.npy"), lengths)
+                tokens.add_file(directory / f"{split}_tokens.bin", lengths)
+                spans.add_file(directory / f"{split}_spans.bin", lengths)
         span_tokens = splits[split].pop("span_tokens")
         splits[split]["span_tokens"] = {SPAN_NAMES[i]: n for i, n in enumerate(span_tokens)}
 
     rejected = sum(r["count"] for r in rejects.values())
-    input_list = [dict(entry, records=n) for entry, n in zip(plan["inputs"], input_records)]
     return {
         "schema_version": SCHEMA_VERSION,
         "format": data.format,
@@ -321,5 +355,8 @@ def _merge(partial: Path, shards: Path, inputs: list[Path], plan: dict, data: Da
         "splits": splits,
         "facets": facets,
         "inputs": input_list,
-        "provenance": provenance.record("dataset", config.config_hash(BuildConfig(data)), inputs=plan["inputs"]),
+        "provenance": provenance.record(
+            "dataset", config.config_hash(BuildConfig(data)),
+            inputs=[{"name": e["name"], "sha256": e["sha256"]} for e in input_list],
+        ),
     }

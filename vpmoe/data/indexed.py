@@ -8,6 +8,8 @@ sequences back to back. Every sequence here is its own document.
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -41,8 +43,17 @@ class IndexedWriter:
         values = np.ascontiguousarray(values, dtype=self.dtype)
         if int(np.sum(lengths)) != len(values):
             raise ValueError("sequence lengths do not add up to the number of values")
-        self._bin.write(values.tobytes())
+        self._bin.write(values)  # the array's own buffer: no copy
         self._lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def add_file(self, path: str | Path, lengths: np.ndarray) -> None:
+        """Append several sequences stored back to back in the raw file `path` (values of this writer's dtype)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        with open(path, "rb") as src:
+            if os.fstat(src.fileno()).st_size != int(np.sum(lengths)) * self.dtype.itemsize:
+                raise ValueError(f"{path}: the file size does not match the sequence lengths")
+            _append(src, self._bin)
+        self._lengths.append(lengths)
 
     def close(self) -> None:
         self._bin.close()
@@ -70,6 +81,20 @@ class IndexedWriter:
             self.close()
         else:
             self._bin.close()
+
+
+def _append(src, dst) -> None:
+    """Append the file `src` to `dst`: inside the kernel (copy_file_range) where it can, else through a buffer."""
+    dst.flush()
+    start, copied = dst.tell(), 0
+    try:
+        while n := os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30, copied, start + copied):
+            copied += n
+    except (AttributeError, OSError):  # no copy_file_range on this system or between these files
+        pass
+    src.seek(copied)
+    dst.seek(start + copied)
+    shutil.copyfileobj(src, dst, 1 << 24)
 
 
 class IndexedReader:

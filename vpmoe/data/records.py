@@ -24,10 +24,11 @@ ID_FIELD = {"synth": "synth_id", "text": "id"}
 Reader = Iterator[tuple[int, dict, int]]
 
 
-def read_records(path: Path, fmt: str) -> Reader:
+def read_records(path: Path, fmt: str, digest=None) -> Reader:
+    """`digest` (a hashlib object), when given, is fed every byte of the file by the time the reader is exhausted."""
     fields, id_field = FIELDS[fmt], ID_FIELD[fmt]
     reader = _read_parquet if path.suffix == ".parquet" else _read_jsonl
-    for line, record, consumed in reader(path):
+    for line, record, consumed in reader(path, digest):
         check_record(record, fields, id_field, f"{path}:{line}")
         yield line, record, consumed
 
@@ -51,9 +52,11 @@ def _kind_name(kind) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def _read_jsonl(path: Path) -> Reader:
+def _read_jsonl(path: Path, digest) -> Reader:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if digest is not None:
+                digest.update(raw)
             if not raw.strip():
                 continue
             try:
@@ -69,8 +72,13 @@ def _read_jsonl(path: Path) -> Reader:
             yield number, record, len(raw)
 
 
-def _read_parquet(path: Path) -> Reader:
+def _read_parquet(path: Path, digest) -> Reader:
     import pyarrow.parquet as pq
+
+    if digest is not None:  # pyarrow reads the footer first, so the file is hashed in a pass of its own
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
 
     try:
         table = pq.ParquetFile(path)

@@ -68,16 +68,21 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(a.n_heads)) if cfg.real else None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, S, H, hd], k and v [B, S, Hkv, hd], biases included, before norm and rotation."""
+        """q [B, S, H, hd], k and v [B, S, Hkv, hd], biases included, before norm and rotation.
+
+        All projections of x run as one GEMM over the concatenated weights (one wide product instead of up to
+        six narrow ones); the parameters stay separate."""
         batch, seq, _ = x.shape
         if self.kind == "local":
-            q = _tpa(self.q_a, self.q_b, x, self.n_heads, self.head_dim) + self.q_bias.view(self.n_heads, -1)
-            k = _tpa(self.k_a, self.k_b, x, self.n_kv_heads, self.head_dim) + self.k_bias.view(self.n_kv_heads, -1)
-            v = _tpa(self.v_a, self.v_b, x, self.n_kv_heads, self.head_dim) + self.v_bias.view(self.n_kv_heads, -1)
+            qa, ka, va, qb, kb, vb = fused_linear(x, [self.q_a, self.k_a, self.v_a, self.q_b, self.k_b, self.v_b])
+            q = _tpa(qa, qb, self.n_heads, self.head_dim) + self.q_bias.view(self.n_heads, -1)
+            k = _tpa(ka, kb, self.n_kv_heads, self.head_dim) + self.k_bias.view(self.n_kv_heads, -1)
+            v = _tpa(va, vb, self.n_kv_heads, self.head_dim) + self.v_bias.view(self.n_kv_heads, -1)
             return q, k, v
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         return q, k, v
 
     def forward(
@@ -146,13 +151,25 @@ def _tpa_pair(dim: int, n_heads: int, rank: int, head_dim: int) -> tuple[nn.Line
     return nn.Linear(dim, n_heads * rank, bias=True), nn.Linear(dim, rank * head_dim, bias=False)
 
 
-def _tpa(a_proj: nn.Linear, b_proj: nn.Linear, x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Tensor Product Attention factors: x_h = (1/R) * sum_r A[h, r] * B[r, :] -> [B, S, n_heads, head_dim].
+def fused_linear(x: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
+    """[layer(x) for layer in layers] as one GEMM over the concatenated weights (absent biases count as 0)."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                          for layer in layers])
+    return torch.nn.functional.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
+def _tpa(heads: torch.Tensor, tokens: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Tensor Product Attention factors: x_h = (1/R) * sum_r A[h, r] * B[r, :] -> [B, S, n_heads, head_dim], from
+    the head factors A(x) [B, S, n_heads * R] and the token factors B(x) [B, S, R * head_dim].
 
     With a.weight = 0 and a.bias = R * onehot(h) for head h (R >= n_heads), head h equals row block h of b:
-    a GQA projection embeds exactly."""
-    batch, seq, _ = x.shape
-    rank = a_proj.out_features // n_heads
-    heads = a_proj(x).view(batch, seq, n_heads, rank)
-    tokens = b_proj(x).view(batch, seq, rank, head_dim)
-    return (heads @ tokens) / rank
+    a GQA projection embeds exactly. The rank is tiny (2 or 4): a broadcast multiply-sum, which compiles to one
+    fused kernel, instead of a batched matmul of [H, R] @ [R, hd] per token."""
+    batch, seq, _ = heads.shape
+    rank = heads.shape[-1] // n_heads
+    heads = heads.view(batch, seq, n_heads, rank, 1)
+    tokens = tokens.view(batch, seq, 1, rank, head_dim)
+    return (heads * tokens).sum(-2) / rank

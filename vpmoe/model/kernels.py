@@ -2,7 +2,8 @@
 
 attention: "reference" (plain math, any device, the oracle) or "flex" (FlexAttention, CUDA only).
 experts:   "padded_bmm" (loop-free gather into an [E, capacity, D] batch, any device and dtype; one host sync for
-           the capacity) or "grouped_mm" (torch._grouped_mm over expert-sorted tokens, CUDA + bf16, no host sync).
+           the capacity), "grouped_mm" (torch._grouped_mm over expert-sorted tokens, CUDA + bf16, no host sync) or
+           "loop" (a Python loop over experts, one host sync per layer: the naive baseline of the benchmark).
 Asking for a kernel that cannot run where the model runs is an error, never a silent switch.
 """
 
@@ -19,17 +20,22 @@ from vpmoe.errors import UserError
 @dataclass(frozen=True)
 class Kernels:
     attention: Literal["reference", "flex"] = "reference"
-    experts: Literal["padded_bmm", "grouped_mm"] = "padded_bmm"
+    experts: Literal["padded_bmm", "grouped_mm", "loop"] = "padded_bmm"
 
     def __post_init__(self) -> None:
         if self.attention not in ("reference", "flex"):
             raise UserError(f"unknown attention kernel {self.attention!r} (reference or flex)")
-        if self.experts not in ("padded_bmm", "grouped_mm"):
-            raise UserError(f"unknown experts kernel {self.experts!r} (padded_bmm or grouped_mm)")
+        if self.experts not in ("padded_bmm", "grouped_mm", "loop"):
+            raise UserError(f"unknown experts kernel {self.experts!r} (padded_bmm, grouped_mm or loop)")
 
     @classmethod
     def fast(cls) -> Kernels:
         return cls(attention="flex", experts="grouped_mm")
+
+    @classmethod
+    def naive(cls) -> Kernels:
+        """The plain baseline that the benchmark compares the fast path with."""
+        return cls(attention="reference", experts="loop")
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         if self.attention == "flex" and device.type != "cuda":

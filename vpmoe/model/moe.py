@@ -93,14 +93,35 @@ def route(
     n_tokens, n_experts = logits.shape
     scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     selection = scores if expert_bias is None else scores + expert_bias
-    group_scores = selection.view(n_tokens, n_groups, -1).topk(topk // group_topk, dim=-1).values.sum(-1)
-    groups = group_scores.topk(group_topk, dim=-1, sorted=False).indices
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-    expert_mask = group_mask.repeat_interleave(n_experts // n_groups, dim=1)
-    experts = selection.masked_fill(~expert_mask, float("-inf")).topk(topk, dim=-1).indices
+    if group_limit_binds(topk, n_groups, group_topk):
+        group_scores = selection.view(n_tokens, n_groups, -1).topk(topk // group_topk, dim=-1).values.sum(-1)
+        groups = group_scores.topk(group_topk, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        expert_mask = group_mask.repeat_interleave(n_experts // n_groups, dim=1)
+        selection = selection.masked_fill(~expert_mask, float("-inf"))
+    experts = top_k_indices(selection, topk)
     weights = scores.gather(1, experts)
     weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * scaling_factor
     return experts, weights
+
+
+def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(x, k, dim=-1).indices for a small k, as k max-passes: compiled, they fuse into a few reductions,
+    far faster than CUDA's general top-k for rows of 256 (the router's shape). No gradient."""
+    x = x.detach()
+    chosen = []
+    for _ in range(k):
+        index = x.argmax(-1, keepdim=True)
+        chosen.append(index)
+        x = x.scatter(-1, index, float("-inf"))
+    return torch.cat(chosen, dim=-1)
+
+
+def group_limit_binds(topk: int, n_groups: int, group_topk: int) -> bool:
+    """False when the group limit cannot change the selection, so that it can be skipped: with a group score of
+    the top-1 score in the group, the groups of the overall top-k experts hold the k best group scores, and keeping
+    group_topk >= k groups keeps them all."""
+    return n_groups > group_topk and not (topk // group_topk == 1 and group_topk >= topk)
 
 
 def seq_aux_loss(logits: torch.Tensor, topk: int) -> torch.Tensor:
@@ -111,7 +132,7 @@ def seq_aux_loss(logits: torch.Tensor, topk: int) -> torch.Tensor:
     n_experts, seq = logits.shape[-1], logits.shape[1]
     scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
-    chosen = scores.topk(topk, dim=-1).indices
+    chosen = top_k_indices(scores, topk)
     hits = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
     f = hits.sum(1) / (topk * seq)  # [B, E]
     p = scores.mean(1)  # [B, E]
@@ -138,6 +159,8 @@ class ExpertBank(nn.Module):
         sorted_x = x.index_select(0, order // topk)
         if kernel == "grouped_mm":
             y = self._grouped(sorted_x, sorted_experts)
+        elif kernel == "loop":
+            y = self._loop(sorted_x, sorted_experts)
         else:
             y = self._padded_bmm(sorted_x, sorted_experts)
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -155,11 +178,21 @@ class ExpertBank(nn.Module):
         with torch.autocast("cuda", enabled=False):
             h = _grouped_mm(x.to(dtype), self.up.to(dtype).transpose(-2, -1), offsets)
             if self.up_bias is not None:
-                h = (h.float() + self.up_bias.float().index_select(0, experts)).to(dtype)
+                h = SortedBiasAdd.apply(h, self.up_bias, experts, dtype).to(dtype)
             y = _grouped_mm(relu2(h), self.down.to(dtype).transpose(-2, -1), offsets).float()
             if self.down_bias is not None:
-                y = y + self.down_bias.float().index_select(0, experts)
+                y = SortedBiasAdd.apply(y, self.down_bias, experts, dtype)
         return y
+
+    def _loop(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(experts, minlength=self.up.shape[0]).tolist()  # the one host sync
+        outputs = []
+        for e, rows in enumerate(x.split(counts)):
+            if not len(rows):
+                continue
+            h = F.linear(rows, self.up[e], None if self.up_bias is None else self.up_bias[e])
+            outputs.append(F.linear(relu2(h), self.down[e], None if self.down_bias is None else self.down_bias[e]))
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.down.shape[1])
 
     def _padded_bmm(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         n_experts = self.up.shape[0]
@@ -184,6 +217,28 @@ class ExpertBank(nn.Module):
         for bias in (self.up_bias, self.down_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
+
+
+class SortedBiasAdd(torch.autograd.Function):
+    """rows + bias[expert of row] in fp32 (or wider), for the grouped path (CUDA, bf16 compute). The bias gradient
+    is a per-expert sum of rows, computed as one_hot(experts)^T @ grad in the compute dtype (the precision of the
+    expert weights' own gradients): the index_add that autograd would use makes every row of an expert contend
+    for the same fp32 atomics, several times slower than this GEMM."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, bias: torch.Tensor, experts: torch.Tensor, compute_dtype: torch.dtype):
+        ctx.save_for_backward(experts)
+        ctx.dtypes = rows.dtype, bias.dtype, compute_dtype, bias.shape[0]
+        wide = torch.promote_types(rows.dtype, torch.float32)
+        return rows.to(wide) + bias.to(wide).index_select(0, experts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (experts,) = ctx.saved_tensors
+        rows_dtype, bias_dtype, compute_dtype, n_experts = ctx.dtypes
+        one_hot = (torch.arange(n_experts, device=grad.device)[:, None] == experts[None, :]).to(compute_dtype)
+        grad_bias = one_hot @ grad.to(compute_dtype)  # [E, D]
+        return grad.to(rows_dtype), grad_bias.to(bias_dtype), None, None
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

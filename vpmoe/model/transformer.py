@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vpmoe.model.attention import Attention, AttentionContext
 from vpmoe.model.cache import KVCache
@@ -94,10 +95,22 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         self.moe_layers = cfg.moe_layers
+        # Recompute each block in backward instead of keeping its activations (training only).
+        self.activation_checkpointing = False
         self.init_weights()
 
     def set_kernels(self, kernels: Kernels) -> None:
         self.kernels = kernels
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (parameter names unchanged). Blocks of one kind share compiled code;
+        the recompile limit is raised so that the few kinds (dense, local, global; first/other layers) never fall
+        back to eager."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in self.layers:
+            block.compile()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -158,13 +171,21 @@ class Transformer(nn.Module):
             a = self.cfg.attention
             ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base, device=device))
 
+        if ctx.kernel == "flex":  # block masks built once per forward, before any (compiled) block reads them
+            for window in {block.attn.window for block in self.layers}:
+                ctx.block_mask(window)
+
         x = self.embed(input_ids)
         self.kernels.check(device, compute_dtype(x))
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         v_first = None
         aux_losses, counts = [], []
         for block in self.layers:
-            layer_cache = cache[block.layer] if cache is not None else None
-            x, v, stats = block(x, ctx, self.kernels.experts, v_first=v_first, cache=layer_cache)
+            if recompute:
+                x, v, stats = checkpoint(block, x, ctx, self.kernels.experts, v_first, use_reentrant=False)
+            else:
+                layer_cache = cache[block.layer] if cache is not None else None
+                x, v, stats = block(x, ctx, self.kernels.experts, v_first=v_first, cache=layer_cache)
             if block.layer == 0:
                 v_first = v
             if stats is not None:

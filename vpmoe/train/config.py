@@ -42,6 +42,8 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     kernels: Literal["reference", "fast"] = "reference"  # fast: FlexAttention + grouped GEMM (CUDA, bf16)
+    compile: bool = False  # torch.compile each transformer block (pays on CUDA; minutes of compile on start)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     freeze: list[str] = field(default_factory=list)  # named groups, see vpmoe.model.naming.FREEZE_GROUPS
     log_every: int = 10

@@ -44,3 +44,19 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def measured_matmul_flops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
+    """The dense bf16 matmul rate of this GPU right now (FLOP/s of an n x n x n product), the MFU denominator
+    of the benchmark: nominal peaks are not reached by any real kernel."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)

@@ -27,15 +27,16 @@ from vpmoe import provenance
 from vpmoe.data.loader import Batch, Loader, read_manifest
 from vpmoe.errors import RunError, UserError
 from vpmoe.model import Kernels, build_model, load_config, load_model_config, load_weights
-from vpmoe.model.config import model_config_to_dict
+from vpmoe.model.config import ModelConfig, model_config_to_dict
 from vpmoe.model.naming import freeze_group
 from vpmoe.optim import build_optimizer, build_scheduler
 from vpmoe.teacher.sidecar import TeacherSidecar, batch_rows
 from vpmoe.train import checkpoint, health, losses
-from vpmoe.train.config import TrainConfig, load_train_config
+from vpmoe.train.config import TrainConfig, TrainSection, load_train_config
 from vpmoe.train.distributed import Dist, all_reduce_sum, setup, shard_model
 from vpmoe.train.flops import peak_flops, train_flops_per_token
 from vpmoe.train.metrics import MetricsSink
+from vpmoe.train.timing import PhaseTimer
 
 SPANS = {1: "reasoning", 2: "final"}
 
@@ -69,6 +70,20 @@ def apply_freeze(model: torch.nn.Module, groups: list[str]) -> list[str]:
     return frozen
 
 
+def build_training_model(model_cfg: ModelConfig, train: TrainSection, device: torch.device, init_from: str = ""):
+    """The model as a training stage runs it (before FSDP): kernels, initial weights, frozen groups, activation
+    checkpointing and compiled blocks. Returns (model, names of frozen parameters)."""
+    kernels = Kernels.fast() if train.kernels == "fast" else Kernels()
+    model = build_model(model_cfg, device=device, kernels=kernels)
+    if init_from:
+        load_weights(model, init_from)
+    frozen = apply_freeze(model, train.freeze)
+    model.activation_checkpointing = train.activation_checkpointing
+    if train.compile:
+        model.compile_blocks()
+    return model, frozen
+
+
 @dataclass
 class StepStats:
     """Sums over the micro-batches of one or more steps (divided by span counts when logged)."""
@@ -82,7 +97,10 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, d: Dist):
+    """`batches` replaces the dataset loader (benchmarks and autotuning feed synthetic batches, stage ce only);
+    `model_overrides` (SECTION.KEY=VALUE) change the model config, e.g. its depth for a benchmark."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, batches=None, model_overrides: list[str] | None = None):
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.run.dir)
         self.stage = cfg.train.stage
@@ -90,7 +108,7 @@ class Trainer:
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
 
-        self.model_cfg = load_model_config(cfg.model.config)
+        self.model_cfg = load_model_config(cfg.model.config, model_overrides)
         if cfg.model.init_from:
             source = load_config(cfg.model.init_from)
             if source != self.model_cfg:
@@ -99,11 +117,7 @@ class Trainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
         if self.bf16 and d.device.type != "cuda":
             raise UserError("train.precision = \"bf16\" is for CUDA; use \"fp32\" or \"auto\" on the CPU")
-        kernels = Kernels.fast() if cfg.train.kernels == "fast" else Kernels()
-        self.model = build_model(self.model_cfg, device=d.device, kernels=kernels)
-        if cfg.model.init_from:
-            load_weights(self.model, cfg.model.init_from)
-        self.frozen = apply_freeze(self.model, cfg.train.freeze)
+        self.model, self.frozen = build_training_model(self.model_cfg, cfg.train, d.device, cfg.model.init_from)
         self.update_bias = self.model_cfg.moe.enabled and "router" not in cfg.train.freeze
         if d.distributed:
             shard_model(self.model, d)
@@ -115,9 +129,14 @@ class Trainer:
         if d.is_main:
             print(table)
 
-        self.manifest = read_manifest(cfg.data.path)
-        self.loader = Loader(cfg.data.path, "train", cfg.data.seq_len, cfg.data.micro_batch_size, cfg.run.seed,
-                             rank=d.rank, world_size=d.world_size)
+        if batches is None:
+            self.manifest = read_manifest(cfg.data.path)
+            self.loader = Loader(cfg.data.path, "train", cfg.data.seq_len, cfg.data.micro_batch_size, cfg.run.seed,
+                                 rank=d.rank, world_size=d.world_size)
+        elif self.stage != "ce":
+            raise UserError(f"synthetic batches carry no teacher: they run stage \"ce\", not {self.stage!r}")
+        else:
+            self.manifest, self.loader = {}, batches
         self.teacher = None
         if self.stage == "kd_offline":
             self.teacher = TeacherSidecar(cfg.data.path, "train")
@@ -126,6 +145,7 @@ class Trainer:
         self.confidence_mean: float | None = None
         self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(d.device)
+        self.timer = PhaseTimer(d.device)
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -208,8 +228,10 @@ class Trainer:
         routing = None
         step_terms: dict[str, torch.Tensor] = {}
         for batch, teacher in zip(batches, teachers):
-            loss, terms, sums, batch_routing = self.micro_step(batch, teacher, counts)
-            loss.backward()
+            with self.timer.phase("forward"):
+                loss, terms, sums, batch_routing = self.micro_step(batch, teacher, counts)
+            with self.timer.phase("backward"):
+                loss.backward()
             for key, value in terms.items():
                 step_terms[key] = step_terms.get(key, 0) + value.detach()
             for key, value in sums.items():
@@ -217,18 +239,19 @@ class Trainer:
             if batch_routing is not None:
                 routing = batch_routing if routing is None else routing + batch_routing
 
-        grad_norm = self.clip_gradients()
-        terms_now = {k: all_reduce_sum(v.clone(), d) for k, v in step_terms.items()}
-        if not all(math.isfinite(v.item()) for v in terms_now.values()) or not math.isfinite(grad_norm):
-            self.fail_non_finite(terms_now, grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if routing is not None:
-            routing = all_reduce_sum(routing, d)
-            if self.update_bias:
-                self.model.update_expert_bias(routing)
-            stats.routing = routing if stats.routing is None else stats.routing + routing
+        with self.timer.phase("optimizer"):
+            grad_norm = self.clip_gradients()
+            terms_now = {k: all_reduce_sum(v.clone(), d) for k, v in step_terms.items()}
+            if not all(math.isfinite(v.item()) for v in terms_now.values()) or not math.isfinite(grad_norm):
+                self.fail_non_finite(terms_now, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if routing is not None:
+                routing = all_reduce_sum(routing, d)
+                if self.update_bias:
+                    self.model.update_expert_bias(routing)
+                stats.routing = routing if stats.routing is None else stats.routing + routing
 
         for key, value in terms_now.items():
             stats.terms[key] = stats.terms.get(key, 0.0) + value.item()
@@ -318,6 +341,7 @@ class Trainer:
             "lr": lrs,
             "grad_norm": stats.terms.get("grad_norm", 0.0) / n,
             "tokens_per_s": stats.tokens / max(seconds, 1e-9),
+            "step_ms": {phase: ms / n for phase, ms in self.timer.read().items()},
             "epoch": self.loader.epoch,
         }
         if self.peak is not None:

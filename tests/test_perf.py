@@ -1,0 +1,110 @@
+"""Performance tooling on the CPU: the micro-batch search, accumulation plans, synthetic batches, step measurement
+through the real trainer, the profile command and its errors. (GPU figures come from benchmarks/train_step.py.)"""
+
+import json
+
+import pytest
+import torch
+
+from vpmoe import cli
+from vpmoe.errors import UserError
+from vpmoe.model import positions_from_doc_ids
+from vpmoe.perf.autotune import accumulation_plan, largest_fitting
+from vpmoe.perf.measure import measure, set_micro_batch, synthetic_trainer
+from vpmoe.perf.synthetic import SyntheticBatches
+from vpmoe.train.config import load_train_config
+from vpmoe.train.timing import PhaseTimer
+
+TINY = "configs/train/tiny_ce.toml"
+SMALL = ["data.seq_len=64", "train.steps=100"]
+SMALL_MODEL = ["model.n_layers=3", "model.vocab_size=256"]
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 2, 3, 7, 8, 13, 50, 64])
+def test_largest_fitting_finds_the_threshold_with_few_trials(threshold):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= threshold
+
+    assert largest_fitting(fits, limit=64) == min(threshold, 64)
+    assert len(tried) == len(set(tried)) <= 14  # doubling, then bisection; never the same size twice
+
+
+def test_accumulation_plan_reaches_the_target_exactly():
+    assert accumulation_plan(4, 256, 8) == (4, 8)
+    assert accumulation_plan(5, 256, 8) == (4, 8)  # 5 does not divide the per-rank 32 sequences
+    assert accumulation_plan(64, 16, 1) == (16, 1)
+    micro, accum = accumulation_plan(3, 30, 2)
+    assert micro * accum * 2 == 30 and micro <= 3
+    with pytest.raises(UserError, match="does not split over 3 ranks"):
+        accumulation_plan(4, 256, 3)
+
+
+def test_synthetic_batches_look_like_the_loaders():
+    batches = SyntheticBatches(vocab_size=50, seq_len=32, micro_batch_size=3, seed=1, docs_per_row=3)
+    batch = next(batches)
+    assert batch.input_ids.shape == batch.labels.shape == batch.label_spans.shape == (3, 32)
+    assert torch.equal(batch.labels[:, :-1], batch.input_ids[:, 1:])
+    assert torch.equal(batch.position_ids, positions_from_doc_ids(batch.doc_ids))
+    assert (batch.doc_ids[:, -1] == 2).all() and (batch.doc_ids.diff(dim=1) >= 0).all()
+    assert set(batch.label_spans.unique().tolist()) == {1, 2}  # every label supervised, both spans present
+    assert next(batches).sample_index.tolist() == [3, 4, 5]
+    again = next(SyntheticBatches(50, 32, 3, seed=1, docs_per_row=3))
+    assert torch.equal(again.input_ids, batch.input_ids)
+
+
+def test_phase_timer_sums_each_phase_and_resets_on_read():
+    timer = PhaseTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer.phase("forward"):
+            sum(range(10000))
+    first = timer.read()
+    assert set(first) == {"forward"} and first["forward"] > 0
+    assert timer.read() == {}
+
+
+def test_measure_runs_the_real_training_step():
+    cfg = load_train_config(TINY, SMALL)
+    trainer = synthetic_trainer(cfg, SMALL_MODEL)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = measure(trainer, warmup=1, steps=2)
+    assert trainer.step == 3  # the optimizer stepped every time
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "head.weight" in changed and "layers.1.mlp.experts.up" in changed
+    ms = result["step_ms"]
+    assert {"forward", "backward", "optimizer", "total", "other"} <= set(ms)
+    assert ms["forward"] > 0 and ms["backward"] > 0 and ms["optimizer"] > 0 and ms["other"] >= -0.5
+    assert result["tokens_per_s"] == pytest.approx(1 * 64 * 1000 / ms["total"], rel=0.02)  # micro-batch 1, no accumulation
+    assert result["n_layers"] == 3 and result["router"]["experts_active_mean"] > 0
+    set_micro_batch(trainer, 2, grad_accum=2)
+    assert next(trainer.loader).input_ids.shape == (2, 64) and trainer.cfg.data.grad_accum == 2
+
+
+def test_a_kd_config_is_measured_as_its_ce_stage():
+    trainer = synthetic_trainer(load_train_config("configs/train/tiny_kd.toml", SMALL), SMALL_MODEL)
+    assert trainer.stage == "ce" and trainer.teacher is None and trainer.cfg.loss.kd == 0
+
+
+def test_profile_writes_a_summary_json(tmp_path, capsys):
+    out = tmp_path / "perf" / "profile.json"
+    args = ["profile", TINY, "--out", str(out), "--warmup", "1", "--steps", "1", "--profiled-steps", "1",
+            *(f"--set={o}" for o in SMALL)]
+    assert cli.main(args) == 0
+    summary = json.loads(out.read_text())
+    assert summary["provenance"]["kind"] == "perf_profile"
+    for key in ("top_operators", "top_operators_forward_backward"):
+        rows = summary[key]
+        assert rows and all(row["ms_per_step"] >= 0 for row in rows)
+        assert sum(row["share_pct"] for row in rows) <= 100.01
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert cli.main(["profile", TINY, "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert cli.main(["autotune", TINY, "--world-size", "0"]) == 2
+    if not torch.cuda.is_available():
+        assert cli.main(["autotune", TINY]) == 2
+        assert "needs CUDA" in capsys.readouterr().err
