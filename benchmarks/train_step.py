@@ -4,7 +4,8 @@
 
 Variants (each in its own process, so memory and compile caches start clean):
   fast          the config as it is (its micro-batch, kernels, compile and checkpointing settings)
-  fast_ckpt     the same with activation checkpointing switched on (its memory and speed cost)
+  fast_nograph  the same with compiled blocks but no CUDA graphs (train.compile = "on")
+  fast_ckpt     compile = "on" with activation checkpointing switched on (its memory and speed cost)
   fast_small    the fast path at the reference's micro-batch, no accumulation (the reference's step shape)
   reference     no compile, reference attention (materialized scores), a Python loop over experts
 Every variant runs the real `Trainer.train_step` (forward, backward, optimizer) on synthetic packed batches and
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("fast", "fast_ckpt", "fast_small", "reference")
+VARIANTS = ("fast", "fast_nograph", "fast_ckpt", "fast_small", "reference")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -33,12 +34,14 @@ def run_variant(args: argparse.Namespace) -> dict:
     from vpmoe.train.config import load_train_config
 
     overrides = list(args.overrides)
+    if args.variant in ("fast_nograph", "fast_ckpt"):
+        overrides.append("train.compile=on")
     if args.variant == "fast_ckpt":
         overrides.append("train.activation_checkpointing=true")
     if args.variant in ("fast_small", "reference"):
         overrides += [f"data.micro_batch_size={args.reference_micro_batch}", "data.grad_accum=1"]
     if args.variant == "reference":
-        overrides += ["train.kernels=reference", "train.compile=false", "train.activation_checkpointing=false"]
+        overrides += ["train.kernels=reference", "train.compile=off", "train.activation_checkpointing=false"]
     model_overrides = [f"model.n_layers={args.layers}"] if args.layers else []
     trainer = synthetic_trainer(load_train_config(args.config, overrides), model_overrides)
     if args.variant == "reference":
@@ -87,7 +90,7 @@ def main() -> None:
         result["mfu"] = result["model_tflops_per_s"] * 1e12 / matmul
         results.append(result)
         ms = result["step_ms"]
-        print(f"{variant:10s} mb {result['micro_batch_size']:3d}  {result['tokens_per_s']:10,.0f} tok/s  "
+        print(f"{variant:12s} mb {result['micro_batch_size']:3d}  {result['tokens_per_s']:10,.0f} tok/s  "
               f"step {ms['total']:8.1f} ms (fwd {ms.get('forward', 0):7.1f}, bwd {ms.get('backward', 0):7.1f}, "
               f"opt {ms.get('optimizer', 0):6.1f}, other {ms['other']:5.1f})  peak {result['peak_memory_gib']:6.1f} "
               f"GiB  {result['model_tflops_per_s']:6.1f} TFLOP/s  MFU {100 * result['mfu']:5.1f}% "

@@ -182,3 +182,39 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_static_block_masks_refill_in_place_and_equal_fresh_masks():
+    from vpmoe.model import attention_ops
+    from vpmoe.model.attention import StaticBlockMasks
+
+    masks = StaticBlockMasks()
+    first_docs = (torch.arange(256) >= 100).long().expand(2, 256).clone()
+    first = masks.get(first_docs, 32)
+    addresses = [t.data_ptr() for t in (first.kv_num_blocks, first.kv_indices, first.full_kv_indices)]
+    second_docs = (torch.arange(256) >= 7).long() + (torch.arange(256) >= 180).long()
+    second_docs = torch.stack([second_docs, torch.zeros(256, dtype=torch.long)])
+    second = masks.get(second_docs, 32)
+    assert second is first
+    assert [t.data_ptr() for t in (second.kv_num_blocks, second.kv_indices, second.full_kv_indices)] == addresses
+    want = attention_ops.document_block_mask(second_docs, 32)
+    assert torch.equal(second.to_dense(), want.to_dense())
+    # the mask function reads the refilled document ids (partial blocks are decided element by element)
+    q, k = torch.tensor(150), torch.tensor(140)
+    assert bool(second.mask_mod(1, 0, q, k)) == bool(want.mask_mod(1, 0, q, k))
+    assert bool(second.mask_mod(0, 0, torch.tensor(181), torch.tensor(179))) is False
+    assert masks.get(second_docs, None) is not first  # one set per window
+
+
+def test_cuda_graph_blocks_refuse_decoding_and_checkpointing():
+    from vpmoe.model import KVCache
+    from vpmoe.model.attention import StaticBlockMasks
+
+    model = Transformer(model_config("tiny_moe"))
+    model.static_masks = StaticBlockMasks()  # what compile_blocks(cuda_graphs=True) sets
+    ids = torch.randint(0, 100, (1, 8))
+    with pytest.raises(UserError, match="full-sequence forwards"):
+        model(ids, cache=KVCache(model.cfg))
+    model.activation_checkpointing = True
+    with pytest.raises(UserError, match="without activation"):
+        model(ids)

@@ -108,3 +108,13 @@ def test_bad_arguments_exit_2(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["autotune", TINY]) == 2
         assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_cuda_graph_compile_is_refused_where_it_cannot_run(tmp_path):
+    with pytest.raises(UserError, match="does not combine with train.activation_checkpointing"):
+        load_train_config(TINY, [*SMALL, "train.compile=cudagraphs", "train.activation_checkpointing=true"])
+    with pytest.raises(UserError, match="train.compile"):
+        load_train_config(TINY, [*SMALL, "train.compile=sometimes"])
+    cfg = load_train_config(TINY, [*SMALL, "train.compile=cudagraphs", "train.device=cpu"])
+    with pytest.raises(UserError, match="needs CUDA"):
+        synthetic_trainer(cfg, SMALL_MODEL)

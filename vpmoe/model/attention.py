@@ -21,6 +21,34 @@ from vpmoe.model.norms import RMSNorm
 from vpmoe.model.positions import apply_rotary, grape_inv_freq, grape_log_freq_init, rotary_cos_sin
 
 
+class StaticBlockMasks:
+    """Block masks whose tensors keep their addresses from one forward to the next, refilled in place (one set per
+    window and shape). CUDA graphs replay kernels that read their inputs at the addresses seen at capture, so the
+    masks (and the document ids their mask function reads) must stay where they were. A refill overwrites the
+    masks that the previous forward's backward reads: one forward, then its backward, as a training step runs."""
+
+    _TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+    def __init__(self) -> None:
+        self._masks: dict = {}
+
+    def get(self, doc_ids: torch.Tensor, window: int | None):
+        key = (window, tuple(doc_ids.shape), doc_ids.device)
+        if key not in self._masks:
+            doc_buffer = doc_ids.clone()  # the mask function reads documents from here
+            self._masks[key] = doc_buffer, attention_ops.document_block_mask(doc_buffer, window)
+            return self._masks[key][1]
+        doc_buffer, mask = self._masks[key]
+        doc_buffer.copy_(doc_ids)
+        fresh = attention_ops.document_block_mask(doc_buffer, window)
+        for name in self._TENSORS:
+            kept = getattr(mask, name)
+            if kept is not None:
+                kept.copy_(getattr(fresh, name))
+        return mask
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer of one forward shares. Built once per forward by the Transformer."""
@@ -30,11 +58,15 @@ class AttentionContext:
     token_index: torch.Tensor  # [S] absolute index of each query in its stream (offset by a KV cache)
     kernel: str  # "reference" or "flex"
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # compat-mode cos/sin, shared by all layers
+    static_masks: StaticBlockMasks | None = None  # set when the blocks replay as CUDA graphs
     _block_masks: dict = field(default_factory=dict)
 
     def block_mask(self, window: int | None):
         if window not in self._block_masks:
-            self._block_masks[window] = attention_ops.document_block_mask(self.doc_ids, window)
+            if self.static_masks is not None:
+                self._block_masks[window] = self.static_masks.get(self.doc_ids, window)
+            else:
+                self._block_masks[window] = attention_ops.document_block_mask(self.doc_ids, window)
         return self._block_masks[window]
 
 

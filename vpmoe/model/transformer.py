@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vpmoe.model.attention import Attention, AttentionContext
+from vpmoe.errors import UserError
+from vpmoe.model.attention import Attention, AttentionContext, StaticBlockMasks
 from vpmoe.model.cache import KVCache
 from vpmoe.model.config import ModelConfig
 from vpmoe.model.kernels import Kernels
@@ -97,20 +98,28 @@ class Transformer(nn.Module):
         self.moe_layers = cfg.moe_layers
         # Recompute each block in backward instead of keeping its activations (training only).
         self.activation_checkpointing = False
+        self.static_masks: StaticBlockMasks | None = None  # set by compile_blocks(cuda_graphs=True)
         self.init_weights()
 
     def set_kernels(self, kernels: Kernels) -> None:
         self.kernels = kernels
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, cuda_graphs: bool = False) -> None:
         """torch.compile each block in place (parameter names unchanged). Blocks of one kind share compiled code;
         the recompile limit is raised so that the few kinds (dense, local, global; first/other layers) never fall
-        back to eager."""
+        back to eager.
+
+        cuda_graphs: each block's forward and backward also replay as CUDA graphs (torch's "reduce-overhead"
+        mode), which removes the per-kernel launch cost that dominates at these layer sizes. Then every forward
+        is one full sequence (no KV cache) followed by its backward before the next forward starts, and
+        parameter gradients must exist before the first backward (`Trainer` allocates them): a gradient that
+        autograd would otherwise take over from a graph's output memory is overwritten by the next replay."""
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.layers:
-            block.compile()
+            block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        self.static_masks = StaticBlockMasks() if cuda_graphs else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -155,6 +164,11 @@ class Transformer(nn.Module):
         """Everything but the head: the final-normed hidden states [B, S, D] and the MoE statistics."""
         batch, seq = input_ids.shape
         device = input_ids.device
+        if self.static_masks is not None:
+            if cache is not None or self.activation_checkpointing:
+                raise UserError("blocks compiled with CUDA graphs run full-sequence forwards without activation "
+                                "checkpointing; decode with a model built without train.compile = \"cudagraphs\"")
+            torch.compiler.cudagraph_mark_step_begin()  # a new forward: the previous one's graph outputs are done
         start = cache.length if cache is not None else 0
         if doc_ids is None:
             doc_ids = torch.zeros_like(input_ids)
@@ -166,6 +180,7 @@ class Transformer(nn.Module):
             token_index=torch.arange(start, start + seq, device=device),
             # KV-cache decoding runs the reference kernel: few queries, and flex would recompile per cache length.
             kernel=self.kernels.attention if cache is None else "reference",
+            static_masks=self.static_masks,
         )
         if not self.cfg.real:
             a = self.cfg.attention

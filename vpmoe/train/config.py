@@ -42,7 +42,9 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     kernels: Literal["reference", "fast"] = "reference"  # fast: FlexAttention + grouped GEMM (CUDA, bf16)
-    compile: bool = False  # torch.compile each transformer block (pays on CUDA; minutes of compile on start)
+    # torch.compile each transformer block (CUDA; a minute or two of compiling at start): "on", or "cudagraphs" to
+    # also replay each block as CUDA graphs (removes kernel-launch overhead; one process per GPU, no checkpointing)
+    compile: Literal["off", "on", "cudagraphs"] = "off"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     freeze: list[str] = field(default_factory=list)  # named groups, see vpmoe.model.naming.FREEZE_GROUPS
@@ -118,6 +120,9 @@ class TrainConfig:
             raise ValueError("loss.kd and loss.confidence_ce need a teacher: set train.stage = \"kd_offline\"")
         if self.train.stage == "kd_offline" and not needs_teacher:
             raise ValueError("train.stage = \"kd_offline\" needs loss.kd > 0 or loss.confidence_ce > 0")
+        if self.train.compile == "cudagraphs" and self.train.activation_checkpointing:
+            raise ValueError("train.compile = \"cudagraphs\" does not combine with train.activation_checkpointing "
+                             "(a recomputed block would replay its graph inside the backward): use compile = \"on\"")
 
 
 def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:

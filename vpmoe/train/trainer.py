@@ -79,8 +79,11 @@ def build_training_model(model_cfg: ModelConfig, train: TrainSection, device: to
         load_weights(model, init_from)
     frozen = apply_freeze(model, train.freeze)
     model.activation_checkpointing = train.activation_checkpointing
-    if train.compile:
-        model.compile_blocks()
+    if train.compile == "cudagraphs" and device.type != "cuda":
+        raise UserError(f"train.compile = \"cudagraphs\" needs CUDA, the model runs on {device.type}; "
+                        "use compile = \"off\"")
+    if train.compile != "off":
+        model.compile_blocks(cuda_graphs=train.compile == "cudagraphs")
     return model, frozen
 
 
@@ -119,7 +122,12 @@ class Trainer:
             raise UserError("train.precision = \"bf16\" is for CUDA; use \"fp32\" or \"auto\" on the CPU")
         self.model, self.frozen = build_training_model(self.model_cfg, cfg.train, d.device, cfg.model.init_from)
         self.update_bias = self.model_cfg.moe.enabled and "router" not in cfg.train.freeze
+        # CUDA-graphed blocks: gradients live outside the graphs' memory, allocated once and zeroed in place.
+        self.graph_safe_grads = cfg.train.compile == "cudagraphs"
         if d.distributed:
+            if self.graph_safe_grads:
+                raise UserError("train.compile = \"cudagraphs\" runs on one GPU only (FSDP manages gradients "
+                                "itself); with several ranks use compile = \"on\"")
             shard_model(self.model, d)
         self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim)
         try:
@@ -181,7 +189,7 @@ class Trainer:
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.provenance_text = json.dumps(self.provenance(), indent=2) + "\n"
-        resumed = self.resume()
+        self.resume()
         if self.d.is_main:
             provenance.atomic_write_text(self.run_dir / "config.toml", config_io.dumps_toml(self.cfg))
             provenance.atomic_write_text(self.run_dir / "provenance.json", self.provenance_text)
@@ -225,6 +233,8 @@ class Trainer:
         if cfg.loss.confidence_ce > 0:
             self.update_confidence_mean(teachers)
 
+        if self.graph_safe_grads:
+            self.allocate_grads()
         routing = None
         step_terms: dict[str, torch.Tensor] = {}
         for batch, teacher in zip(batches, teachers):
@@ -246,7 +256,7 @@ class Trainer:
                 self.fail_non_finite(terms_now, grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.graph_safe_grads)
             if routing is not None:
                 routing = all_reduce_sum(routing, d)
                 if self.update_bias:
@@ -259,6 +269,13 @@ class Trainer:
         stats.span_counts = counts if stats.span_counts is None else stats.span_counts + counts
         stats.tokens += int(sum(b.input_ids.numel() for b in batches)) * d.world_size
         stats.steps += 1
+
+    def allocate_grads(self) -> None:
+        """Zero gradients for every trainable parameter that has none, so that backward accumulates into them
+        in place instead of keeping a tensor from a CUDA graph's memory pool (the next replay overwrites it)."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def micro_step(self, batch: Batch, teacher: dict | None, counts: torch.Tensor):
         cfg = self.cfg
