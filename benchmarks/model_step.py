@@ -44,9 +44,7 @@ def main() -> None:
     build_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in model.parameters())
     if args.compile:
-        torch._dynamo.config.cache_size_limit = 64
-        for block in model.layers:
-            block.compile()
+        model.compile_blocks()
 
     vocab = cfg.model.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), device="cuda")

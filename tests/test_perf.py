@@ -13,7 +13,9 @@ from vpmoe.perf.autotune import accumulation_plan, largest_fitting
 from vpmoe.perf.measure import measure, set_micro_batch, synthetic_trainer
 from vpmoe.perf.synthetic import SyntheticBatches
 from vpmoe.train.config import load_train_config
+from vpmoe.train.distributed import Dist
 from vpmoe.train.timing import PhaseTimer
+from vpmoe.train.trainer import Trainer
 
 TINY = "configs/train/tiny_ce.toml"
 SMALL = ["data.seq_len=64", "train.steps=100"]
@@ -118,3 +120,6 @@ def test_cuda_graph_compile_is_refused_where_it_cannot_run(tmp_path):
     cfg = load_train_config(TINY, [*SMALL, "train.compile=cudagraphs", "train.device=cpu"])
     with pytest.raises(UserError, match="needs CUDA"):
         synthetic_trainer(cfg, SMALL_MODEL)
+    two_ranks = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match="one GPU only"):
+        Trainer(cfg, two_ranks, batches=SyntheticBatches(256, 64, 1), model_overrides=SMALL_MODEL)

@@ -46,12 +46,16 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def hash_file(path: str | Path, digest, chunk: int = 1 << 22):
+    """Feed every byte of the file to `digest` (a hashlib object) and return it."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def portable_name(path: str | Path) -> str:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from vpmoe import provenance
 from vpmoe.errors import UserError
 
 SYNTH_FIELDS = {
@@ -76,9 +77,7 @@ def _read_parquet(path: Path, digest) -> Reader:
     import pyarrow.parquet as pq
 
     if digest is not None:  # pyarrow reads the footer first, so the file is hashed in a pass of its own
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
+        provenance.hash_file(path, digest)
 
     try:
         table = pq.ParquetFile(path)

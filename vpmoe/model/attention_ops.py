@@ -13,6 +13,7 @@ import functools
 import torch
 from torch.nn.attention import flex_attention as flex
 
+from vpmoe.model.kernels import allow_recompiles
 from vpmoe.model.positions import alibi_slopes
 
 
@@ -81,9 +82,7 @@ def _alibi_score_mod(n_heads: int, device: torch.device):
 
 @functools.cache
 def _compiled_flex_attention():
-    # One compiled kernel per (shape, mask kind, ALiBi or not): raise the recompile limit so that a process seeing
-    # a few shapes (autotune, eval) never falls back to the unfused eager path.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    allow_recompiles()  # one compiled kernel per (shape, mask kind, ALiBi or not)
     return torch.compile(flex.flex_attention, dynamic=False)
 
 

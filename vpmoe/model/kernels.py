@@ -44,3 +44,9 @@ class Kernels:
         if self.experts == "grouped_mm" and (device.type != "cuda" or dtype != torch.bfloat16):
             raise UserError(f"experts kernel 'grouped_mm' needs CUDA and bfloat16, the model runs on {device.type} "
                             f"in {dtype}; use Kernels(experts='padded_bmm')")
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise torch.compile's recompile limit to at least `limit`: a process compiles one graph per block kind and
+    shape (autotune and eval see several), and past the default limit torch would quietly run eager code."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)

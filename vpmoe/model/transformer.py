@@ -25,7 +25,7 @@ from vpmoe.errors import UserError
 from vpmoe.model.attention import Attention, AttentionContext, StaticBlockMasks
 from vpmoe.model.cache import KVCache
 from vpmoe.model.config import ModelConfig
-from vpmoe.model.kernels import Kernels
+from vpmoe.model.kernels import Kernels, allow_recompiles
 from vpmoe.model.moe import DenseFFN, MoE
 from vpmoe.model.norms import RMSNorm
 from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
@@ -105,18 +105,14 @@ class Transformer(nn.Module):
         self.kernels = kernels
 
     def compile_blocks(self, cuda_graphs: bool = False) -> None:
-        """torch.compile each block in place (parameter names unchanged). Blocks of one kind share compiled code;
-        the recompile limit is raised so that the few kinds (dense, local, global; first/other layers) never fall
-        back to eager.
+        """torch.compile each block in place (parameter names unchanged). Blocks of one kind share compiled code.
 
         cuda_graphs: each block's forward and backward also replay as CUDA graphs (torch's "reduce-overhead"
         mode), which removes the per-kernel launch cost that dominates at these layer sizes. Then every forward
         is one full sequence (no KV cache) followed by its backward before the next forward starts, and
         parameter gradients must exist before the first backward (`Trainer` allocates them): a gradient that
         autograd would otherwise take over from a graph's output memory is overwritten by the next replay."""
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        allow_recompiles()  # a few block kinds (dense, local, global; first/other layers), none may fall to eager
         for block in self.layers:
             block.compile(mode="reduce-overhead" if cuda_graphs else None)
         self.static_masks = StaticBlockMasks() if cuda_graphs else None

@@ -120,14 +120,14 @@ class Trainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
         if self.bf16 and d.device.type != "cuda":
             raise UserError("train.precision = \"bf16\" is for CUDA; use \"fp32\" or \"auto\" on the CPU")
+        # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads)
+        self.graph_safe_grads = cfg.train.compile == "cudagraphs"
+        if self.graph_safe_grads and d.distributed:
+            raise UserError("train.compile = \"cudagraphs\" runs on one GPU only (FSDP manages gradients itself); "
+                            "with several ranks use compile = \"on\"")
         self.model, self.frozen = build_training_model(self.model_cfg, cfg.train, d.device, cfg.model.init_from)
         self.update_bias = self.model_cfg.moe.enabled and "router" not in cfg.train.freeze
-        # CUDA-graphed blocks: gradients live outside the graphs' memory, allocated once and zeroed in place.
-        self.graph_safe_grads = cfg.train.compile == "cudagraphs"
         if d.distributed:
-            if self.graph_safe_grads:
-                raise UserError("train.compile = \"cudagraphs\" runs on one GPU only (FSDP manages gradients "
-                                "itself); with several ranks use compile = \"on\"")
             shard_model(self.model, d)
         self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim)
         try:
