@@ -156,7 +156,12 @@ def test_morph_local_layer_is_exact_with_full_q_rank_frozen_grape_and_no_sink():
     assert r_attn.kind == "local"
     q_c, k_c, v_c = c_attn.project(x)
     q_r, k_r, v_r = r_attn.project(x)
-    assert torch.equal(k_r, k_c) and torch.equal(v_r, v_c)  # the A-bias construction: exact
+    # the A-bias construction is exact in the weights; the products take other matmul shapes (a few fp32 ulps)
+    for part in ("k", "v"):
+        assert torch.equal(getattr(r_attn, f"{part}_b").weight, getattr(c_attn, f"{part}_proj").weight)
+        assert not getattr(r_attn, f"{part}_a").weight.any()
+    torch.testing.assert_close(k_r, k_c, rtol=4 * 2.0**-23, atol=4 * 2.0**-23 * k_c.abs().max().item())
+    torch.testing.assert_close(v_r, v_c, rtol=4 * 2.0**-23, atol=4 * 2.0**-23 * v_c.abs().max().item())
     torch.testing.assert_close(q_r, q_c, rtol=1e-5, atol=1e-5)
     want, _ = c_attn(x, _ctx(40, compat.cfg))
     got, _ = r_attn(x, _ctx(40, cfg_r))
