@@ -38,7 +38,7 @@ from vpmoe import tokenizer as tk
 from vpmoe.teacher import score as sc
 from vpmoe.teacher.documents import make_batches, split_documents
 from vpmoe.teacher.load import wrap_model
-from vpmoe.teacher.testing import gpt_oss_config, random_gpt_oss
+from vpmoe.testing.teachers import gpt_oss_config, random_gpt_oss
 from vpmoe.teacher.topk import score_positions
 
 

@@ -29,7 +29,7 @@ from vpmoe.eval.suite import (
     summarize,
 )
 from vpmoe.model import build_model, save_model
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 V = tk.VOCAB_SIZE
 

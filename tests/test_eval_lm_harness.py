@@ -17,7 +17,7 @@ from vpmoe import tokenizer as tk  # noqa: E402
 from vpmoe.eval.lm_eval_adapter import VpmoeLM  # noqa: E402
 from vpmoe.eval.suite import prompt_tokens  # noqa: E402
 from vpmoe.model import build_model  # noqa: E402
-from vpmoe.model.testing import model_config  # noqa: E402
+from vpmoe.testing.models import model_config  # noqa: E402
 
 MAX_LENGTH = 16  # small, so rolling loglikelihood needs several windows and generation truncates nothing here
 MC = [

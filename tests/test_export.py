@@ -8,7 +8,7 @@ import torch
 from vpmoe.errors import UserError
 from vpmoe.export import export, load_any
 from vpmoe.model import build_model, save_model
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 
 def assert_same_weights(a, b):

@@ -11,7 +11,7 @@ from vpmoe.model.attention import Attention, AttentionContext
 from vpmoe.model.positions import (
     alibi_slopes, apply_rotary, grape_inv_freq, grape_log_freq_init, rope_inv_freq, rotary_cos_sin,
 )
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 f64 = torch.float64
 

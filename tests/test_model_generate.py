@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vpmoe.model import KVCache, generate
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 from vpmoe.model.transformer import Transformer
 
 

@@ -14,7 +14,7 @@ import torch._dynamo
 from vpmoe.model import Kernels, Transformer
 from vpmoe.model import attention_ops
 from vpmoe.model.moe import MoE
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,7 +7,7 @@ import torch
 
 from vpmoe.errors import UserError
 from vpmoe.model import Transformer, load_config, load_model, load_weights, save_model
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 
 def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):

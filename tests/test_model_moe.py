@@ -9,7 +9,7 @@ import torch
 from vpmoe.model.config import MoESection
 from vpmoe.model.moe import (MoE, Router, SortedBiasAdd, group_limit_binds, relu2, route, seq_aux_loss,
                              top_k_indices)
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 from vpmoe.model.transformer import Transformer
 
 f64 = torch.float64

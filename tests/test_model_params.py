@@ -8,7 +8,10 @@ import pytest
 from vpmoe.cli import main
 from vpmoe.errors import UserError
 from vpmoe.model import count_params
-from vpmoe.model.testing import CONFIG_DIR, model_config
+from vpmoe.config import shipped_dir
+from vpmoe.testing.models import model_config
+
+CONFIG_DIR = shipped_dir("model")
 
 SPEC_TABLE = {
     "vpDense0-5_28.compat": (514_654_208, 514_654_208),

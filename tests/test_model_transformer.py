@@ -6,7 +6,7 @@ import torch
 from vpmoe.errors import UserError
 from vpmoe.model import Kernels, Transformer, build_model, positions_from_doc_ids
 from vpmoe.model.naming import freeze_group, param_kind
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 
 f64 = torch.float64
 TINY = ["tiny_compat", "tiny_real", "tiny_dense", "tiny_moe"]

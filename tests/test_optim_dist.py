@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from vpmoe.optim import OptimConfig, build_optimizer, build_scheduler
-from vpmoe.optim.testing import module_from_shapes, small_model_shapes
+from vpmoe.testing.optim import module_from_shapes, small_model_shapes
 
 WORLD = 2
 STEPS = 3

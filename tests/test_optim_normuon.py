@@ -9,7 +9,7 @@ import torch
 from vpmoe.optim import OptimConfig, build_optimizer, build_scheduler
 from vpmoe.optim import normuon as nm
 from vpmoe.optim.schedule import WarmupCosine
-from vpmoe.optim.testing import RefAdamW, RefNorMuon, make_grads, module_from_shapes, small_model_shapes
+from vpmoe.testing.optim import RefAdamW, RefNorMuon, make_grads, module_from_shapes, small_model_shapes
 
 CFG = OptimConfig(
     lr_matrix=0.02, lr_adam=0.01, weight_decay=0.1, adam_weight_decay=0.05, warmup_steps=2, decay_steps=6,

@@ -9,7 +9,7 @@ import pytest
 from vpmoe.errors import UserError
 from vpmoe.optim import OptimConfig, build_optimizer, build_scheduler
 from vpmoe.optim.schedule import WarmupCosine
-from vpmoe.optim.testing import module_from_shapes, small_model_shapes
+from vpmoe.testing.optim import module_from_shapes, small_model_shapes
 
 # The intended group of every parameter, written from system.md section 5 (independently of naming.py's code).
 INTENDED = [

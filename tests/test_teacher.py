@@ -25,7 +25,7 @@ from vpmoe.provenance import file_sha256
 from vpmoe.teacher import score as score_mod
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
 from vpmoe.teacher.sidecar import TeacherSidecar, sidecar_dir
-from vpmoe.teacher.testing import save_tiny_teacher
+from vpmoe.testing.teachers import save_tiny_teacher
 
 K = 64
 SHARD = 2  # samples per shard: several shards per split

@@ -8,7 +8,8 @@ from vpmoe import cli
 from vpmoe import tokenizer as tk
 from vpmoe.errors import UserError
 from vpmoe.teacher import load
-from vpmoe.teacher.testing import save_tiny_teacher, write_o200k_tokenizer
+from vpmoe.testing.teachers import save_tiny_teacher
+from vpmoe.tokenizer import write_hf_tokenizer
 
 
 def _edit_json(path, **values):
@@ -21,7 +22,7 @@ def _edit_json(path, **values):
 def good_teacher(tmp_path_factory):
     """A tiny GPT-OSS teacher with a real o200k Harmony tokenizer.json beside it."""
     directory = save_tiny_teacher(tmp_path_factory.mktemp("vocab") / "good", num_hidden_layers=1)
-    write_o200k_tokenizer(directory)
+    write_hf_tokenizer(directory)
     return directory
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from vpmoe.model import build_model, save_model
-from vpmoe.model.testing import model_config
+from vpmoe.testing.models import model_config
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
 from vpmoe.teacher.score import score
 from vpmoe.teacher.sidecar import TeacherSidecar

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from vpmoe import config as config_io
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.errors import RunError, UserError
@@ -149,7 +150,7 @@ def test_kd_stage_overfits_the_teacher(tmp_path, small_dataset):
 
     from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
     from vpmoe.teacher.score import score
-    from vpmoe.teacher.testing import save_tiny_teacher
+    from vpmoe.testing.teachers import save_tiny_teacher
 
     dataset = tmp_path / "ds"
     shutil.copytree(small_dataset, dataset)
@@ -192,4 +193,4 @@ def test_two_ranks_follow_the_single_process_loss_curve(tmp_path, small_dataset)
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_train_configs_load(path):
     cfg = load_train_config(str(path))
-    assert (ROOT / cfg.model.config).is_file()
+    assert config_io.locate(cfg.model.config, "model").is_file()

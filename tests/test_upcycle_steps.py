@@ -9,7 +9,7 @@ import torch
 
 from vpmoe.cli import main
 from vpmoe.model.io import load_model
-from vpmoe.upcycle import testing
+from vpmoe.testing import upcycle as testing
 from vpmoe.upcycle.config import load_upcycle_config
 from vpmoe.upcycle.drift import CalibrationSection, calibration_rows
 from vpmoe.upcycle.objects import read_provenance, weights_sha256

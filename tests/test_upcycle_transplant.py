@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 pytest.importorskip("mergekit")
 
 from vpmoe.errors import UserError  # noqa: E402
-from vpmoe.upcycle import hf, testing, transplant  # noqa: E402
+from vpmoe.testing import upcycle as testing  # noqa: E402
+from vpmoe.upcycle import hf, transplant  # noqa: E402
 from vpmoe.upcycle.config import load_upcycle_config  # noqa: E402
 from vpmoe.upcycle.objects import read_provenance  # noqa: E402
 from vpmoe.upcycle.run import upcycle  # noqa: E402

@@ -2,14 +2,20 @@
 
 A config schema is a dataclass whose fields are section dataclasses; a section's fields are plain values.
 Unknown keys, missing keys and wrong types are errors that name the key and the file. `--set section.key=value`
-overrides are applied to the raw TOML before validation, so they are checked the same way.
+overrides are applied to the raw TOML before validation, so they are checked the same way; `replace` changes a
+loaded config from Python with the same checks (typed overrides: no strings to compose and parse back).
+
+A config is named by the path of its TOML file or, for the configs shipped inside the package (`vpmoe/configs/`,
+also `configs/` in a checkout), by its bare name: `tiny_moe` is the model config `configs/model/tiny_moe.toml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
+import os
 import tomllib
 import types
 import typing
@@ -21,8 +27,42 @@ from vpmoe.errors import UserError
 T = TypeVar("T")
 
 
-def load(path: str | Path, schema: type[T], overrides: list[str] | None = None) -> T:
-    path = Path(path)
+KINDS = ("model", "train", "data", "teacher", "upcycle", "eval")
+
+
+def shipped_dir(kind: str) -> Path:
+    """The folder of the shipped configs of one kind (package data)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}")
+    return Path(str(importlib.resources.files("vpmoe") / "configs" / kind))
+
+
+def shipped_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in shipped_dir(kind).glob("*.toml"))
+
+
+def locate(ref: str | Path, kind: str) -> Path:
+    """The TOML file a config reference names: a path (anything with a '/' or ending in .toml), else the bare name
+    of a shipped config of `kind`."""
+    text = str(ref)
+    if "/" in text or text.endswith(".toml"):
+        path = Path(text)
+        if not path.is_file():
+            hint = f" (a shipped {kind} config is named without a path, e.g. {shipped_names(kind)[0]!r})" \
+                if shipped_names(kind) else ""
+            what = "is not a file" if path.exists() else "does not exist"
+            raise UserError(f"{kind} config {path} {what}{hint}")
+        return path
+    path = shipped_dir(kind) / f"{text}.toml"
+    if not path.is_file():
+        raise UserError(f"no shipped {kind} config named {text!r}; shipped: {', '.join(shipped_names(kind))} "
+                        f"(or give the path of a TOML file)")
+    return path
+
+
+def load(path: str | Path, schema: type[T], overrides: list[str] | None = None, kind: str | None = None) -> T:
+    """Load and validate a config; with `kind`, `path` may also be a shipped config's bare name (see `locate`)."""
+    path = locate(path, kind) if kind is not None else Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -32,6 +72,32 @@ def load(path: str | Path, schema: type[T], overrides: list[str] | None = None) 
     for item in overrides or []:
         apply_override(raw, item)
     return from_dict(raw, schema, source=str(path))
+
+
+def replace(obj: T, changes: dict[str, Any], source: str = "") -> T:
+    """A copy of a loaded config with typed changes applied (`{"data.path": Path(...), "train.steps": 10}`),
+    checked exactly as a TOML file's values are (types, Literal choices, each section's validate())."""
+    raw = _plain(to_dict(obj))
+    for dotted, value in changes.items():
+        *path, leaf = dotted.split(".")
+        node = raw
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise UserError(f"{source or type(obj).__name__}: unknown section '{'.'.join(path)}' in {dotted!r}")
+            node = node[part]
+        node[leaf] = _plain(value)
+    return from_dict(raw, type(obj), source=source or f"{type(obj).__name__} with {', '.join(changes)} replaced")
+
+
+def _plain(value: Any) -> Any:
+    """Config values as TOML holds them: lists for tuples, strings for paths, nested dicts for sections."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -21,7 +21,6 @@ from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MARKER = ".vpmoe-demo"
 
 
@@ -35,16 +34,17 @@ class DemoSize:
     max_new_tokens: int = 48
 
 
-def _train(config: str, run_dir: Path, dataset: Path, steps: int, extra: list[str]) -> Path:
+def _train(config: str, run_dir: Path, dataset: Path, steps: int, changes: dict | None = None) -> Path:
+    """Train one of the shipped tiny configs for `steps` steps into `run_dir`."""
+    from vpmoe import config as config_io
     from vpmoe.train.config import load_train_config
     from vpmoe.train.trainer import train
 
-    overrides = [f"model.config={json.dumps(str(CONFIGS / 'model' / 'tiny_moe.toml'))}",  # extra may replace it
-                 f"run.dir={json.dumps(str(run_dir))}", f"data.path={json.dumps(str(dataset))}",
-                 f"train.steps={steps}", f"checkpoint.every={steps}", f"train.log_every={max(steps // 10, 1)}",
-                 f"optim.warmup_steps={min(5, max(steps // 4, 1))}",
-                 *extra]
-    return train(load_train_config(str(CONFIGS / "train" / config), overrides))
+    cfg = config_io.replace(load_train_config(config), {
+        "run.dir": run_dir, "data.path": dataset, "train.steps": steps, "checkpoint.every": steps,
+        "train.log_every": max(steps // 10, 1), "optim.warmup_steps": min(5, max(steps // 4, 1)), **(changes or {}),
+    })
+    return train(cfg)
 
 
 def demo(out: str, size: DemoSize | None = None) -> dict:
@@ -75,8 +75,8 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
     def teacher() -> Path:
         from vpmoe.export import export
 
-        run = _train("tiny_ce.toml", root / "runs" / "teacher", dataset, size.teacher_steps,
-                     [f"model.config={json.dumps(str(CONFIGS / 'model' / 'demo_teacher.toml'))}"])
+        run = _train("tiny_ce", root / "runs" / "teacher", dataset, size.teacher_steps,
+                     {"model.config": "demo_teacher"})
         return export(run, root / "teacher")
 
     teacher_dir = stage("teacher", teacher)
@@ -96,14 +96,14 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
         from vpmoe.model import build_model, load_model_config, save_model
 
         torch.manual_seed(0)
-        return save_model(build_model(load_model_config(CONFIGS / "model" / "tiny_moe.toml")), root / "student_init")
+        return save_model(build_model(load_model_config("tiny_moe")), root / "student_init")
 
     student_init = stage("student init", init)
-    init_from = [f"model.init_from={json.dumps(str(student_init))}"]
+    init_from = {"model.init_from": student_init}
     students = {
-        "CE only": stage("student CE", lambda: _train("tiny_ce.toml", root / "runs" / "student_ce", dataset,
+        "CE only": stage("student CE", lambda: _train("tiny_ce", root / "runs" / "student_ce", dataset,
                                                       size.student_steps, init_from)),
-        "offline KD": stage("student KD", lambda: _train("tiny_kd.toml", root / "runs" / "student_kd", dataset,
+        "offline KD": stage("student KD", lambda: _train("tiny_kd", root / "runs" / "student_kd", dataset,
                                                          size.student_steps, init_from)),
     }
 

@@ -153,9 +153,4 @@ def _write_tokenizer(directory: Path) -> None:
         "ranks_sha256": tk.O200K_SHA256, "pattern": tk.O200K_PATTERN, "special_tokens": tk.special_tokens(),
         "eos_token_id": tk.RETURN, "pad_token_id": tk.EOD,
     }, indent=1) + "\n")
-    from vpmoe.teacher.testing import write_o200k_tokenizer
-
-    try:
-        write_o200k_tokenizer(directory)
-    except ImportError:
-        raise UserError("export writes tokenizer.json with `transformers`: pip install 'vpmoe[teacher]'") from None
+    tk.write_hf_tokenizer(directory)

@@ -133,3 +133,22 @@ def decode(ids) -> str:
 
 def tokenizer_hash() -> str:
     return O200K_SHA256
+
+
+def write_hf_tokenizer(directory: str | Path) -> Path:
+    """`tokenizer.json` of o200k Harmony (our ranks, special tokens at our ids), as a Hugging Face model directory
+    holds it (exports, test teachers). Needs `transformers`."""
+    try:
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise UserError("writing tokenizer.json needs `transformers`: pip install 'vpmoe[teacher]'") from None
+
+    specials = [name for name, _ in sorted(special_tokens().items(), key=lambda item: item[1])]
+    converted = TikTokenConverter(
+        vocab_file=str(ranks_path()), pattern=O200K_PATTERN, extra_special_tokens=specials
+    ).converted()
+    if converted.token_to_id("<|return|>") != RETURN:
+        raise RuntimeError("the converted tokenizer does not put <|return|> at our id")
+    path = Path(directory) / "tokenizer.json"
+    converted.save(str(path))
+    return path

@@ -63,7 +63,7 @@ class BuildConfig:
 
 
 def build_from_config(path: str, overrides: list[str]) -> Path:
-    cfg = config.load(path, BuildConfig, overrides)
+    cfg = config.load(path, BuildConfig, overrides, kind="data")
     start = time.perf_counter()
     out = build(cfg.data)
     manifest = json.loads((out / "manifest.json").read_text())

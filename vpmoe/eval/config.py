@@ -75,7 +75,7 @@ class EvalConfig:
 
 
 def load_eval_config(path: str, overrides: list[str] | None = None) -> EvalConfig:
-    return config_io.load(path, EvalConfig, overrides)
+    return config_io.load(path, EvalConfig, overrides, kind="eval")
 
 
 def eval_config_from_overrides(overrides: list[str]) -> EvalConfig:

@@ -125,7 +125,7 @@ class ModelConfig:
 
 
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
-    return config_io.load(path, ModelConfig, overrides)
+    return config_io.load(path, ModelConfig, overrides, kind="model")
 
 
 def model_config_from_dict(raw: dict, source: str) -> ModelConfig:

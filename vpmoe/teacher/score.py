@@ -64,7 +64,7 @@ class ShardResult:
 
 
 def score_from_config(path: str, overrides: list[str]) -> Path:
-    cfg = config.load(path, ScoreConfig, overrides)
+    cfg = config.load(path, ScoreConfig, overrides, kind="teacher")
     start = time.perf_counter()
     section = score(cfg, config.config_hash(cfg))
     dataset = Path(cfg.teacher.dataset)

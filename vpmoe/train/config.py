@@ -126,4 +126,4 @@ class TrainConfig:
 
 
 def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
-    return config_io.load(path, TrainConfig, overrides)
+    return config_io.load(path, TrainConfig, overrides, kind="train")

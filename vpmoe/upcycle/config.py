@@ -112,4 +112,4 @@ class UpcycleConfig:
 
 
 def load_upcycle_config(path: str | Path, overrides: list[str] | None = None) -> UpcycleConfig:
-    return config_io.load(path, UpcycleConfig, overrides)
+    return config_io.load(path, UpcycleConfig, overrides, kind="upcycle")

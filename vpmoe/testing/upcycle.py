@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from vpmoe import tokenizer as tk
+from vpmoe.config import shipped_dir
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL_CONFIGS = REPO / "configs" / "model"
+MODEL_CONFIGS = shipped_dir("model")
 
 # The miniature geometry: donor 16 q / 8 kv heads of 8 dims -> 8 q / 2 kv heads; 2 blocks of 4 layers -> 3 blocks.
 TINY_DONOR = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=16,
@@ -127,7 +127,7 @@ def tiny_bpe(vocab_size: int, specials: list[str], seed: int = 0):
 def save_transplant_pair(root: str | Path, source_vocab: int = 400, donor_vocab: int = 600) -> dict:
     """A tiny Qwen3 with its own small tokenizer (`root/source`) and a tiny GPT-OSS vocabulary donor whose tokenizer
     has the Harmony special tokens (`root/donor`). Returns the facts a registry needs."""
-    from vpmoe.teacher.testing import gpt_oss_config, random_gpt_oss
+    from vpmoe.testing.teachers import gpt_oss_config, random_gpt_oss
 
     root = Path(root)
     src_tok = tiny_bpe(source_vocab, QWEN_SPECIALS, seed=1)

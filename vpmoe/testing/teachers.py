@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from vpmoe import tokenizer as tk
+from vpmoe.tokenizer import write_hf_tokenizer
 
 TINY = dict(
     hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -48,20 +49,5 @@ def save_tiny_teacher(directory: str | Path, seed: int = 0, head_std: float = 0.
     model = random_gpt_oss(gpt_oss_config(vocab_size, **overrides), seed=seed, head_std=head_std)
     model.save_pretrained(directory)
     if tokenizer:
-        write_o200k_tokenizer(directory)
+        write_hf_tokenizer(directory)
     return directory
-
-
-def write_o200k_tokenizer(directory: str | Path) -> Path:
-    """`tokenizer.json` of o200k Harmony (our ranks, special tokens at our ids), as a teacher directory holds."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    specials = [name for name, _ in sorted(tk.special_tokens().items(), key=lambda item: item[1])]
-    converted = TikTokenConverter(
-        vocab_file=str(tk.ranks_path()), pattern=tk.O200K_PATTERN, extra_special_tokens=specials
-    ).converted()
-    if converted.token_to_id("<|return|>") != tk.RETURN:
-        raise RuntimeError("the converted tokenizer does not put <|return|> at our id")
-    path = Path(directory) / "tokenizer.json"
-    converted.save(str(path))
-    return path
