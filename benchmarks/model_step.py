@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_model_config(args.config, args.overrides)
-    kernels = Kernels.fast() if args.kernels == "fast" else Kernels()
+    kernels = Kernels.named(args.kernels)
     torch.manual_seed(0)
     started = time.perf_counter()
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, kernels=kernels)

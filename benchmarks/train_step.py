@@ -8,7 +8,7 @@ Variants (each in its own process, so memory and compile caches start clean):
   fast_ckpt     compile = "on" with activation checkpointing switched on (its memory and speed cost)
   fast_small    the fast path at the reference's micro-batch, no accumulation (the reference's step shape)
   reference     no compile, reference attention (materialized scores), a Python loop over experts
-Every variant runs the real `Trainer.train_step` (forward, backward, optimizer) on synthetic packed batches and
+Every variant runs the real `Trainer.step` (forward, backward, optimizer) on synthetic packed batches and
 reports tokens/s, ms per phase, peak memory and MFU. MFU = model FLOPs/s (vpmoe.train.flops: 6 FLOPs per active
 matmul weight per token + causal/windowed attention score FLOPs) / the bf16 rate of an 8192^3 matmul measured on
 the same GPU in the same run; the nominal dense bf16 peak (989 TFLOP/s for H100/H200 SXM) is shown too.
@@ -29,7 +29,7 @@ VARIANTS = ("fast", "fast_nograph", "fast_ckpt", "fast_small", "reference")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    from vpmoe.model import Kernels
+    from vpmoe.model.config import load_model_config
     from vpmoe.perf.measure import measure, synthetic_trainer
     from vpmoe.train.config import load_train_config
 
@@ -41,11 +41,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     if args.variant in ("fast_small", "reference"):
         overrides += [f"data.micro_batch_size={args.reference_micro_batch}", "data.grad_accum=1"]
     if args.variant == "reference":
-        overrides += ["train.kernels=reference", "train.compile=off", "train.activation_checkpointing=false"]
-    model_overrides = [f"model.n_layers={args.layers}"] if args.layers else []
-    trainer = synthetic_trainer(load_train_config(args.config, overrides), model_overrides)
-    if args.variant == "reference":
-        trainer.model.set_kernels(Kernels.naive())
+        overrides += ["train.kernels=naive", "train.compile=off", "train.activation_checkpointing=false"]
+    cfg = load_train_config(args.config, overrides)
+    model_cfg = load_model_config(cfg.model.config, [f"model.n_layers={args.layers}"] if args.layers else [])
+    trainer = synthetic_trainer(cfg, model_cfg)
     steps = args.reference_steps if args.variant == "reference" else args.steps
     result = measure(trainer, args.warmup, steps)
     result["variant"] = args.variant

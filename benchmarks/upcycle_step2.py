@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from vpmoe.data import synthetic
-from vpmoe.data.harmony import SPAN_NAMES, HarmonyRenderer
+from vpmoe.data.harmony import HarmonyRenderer
 from vpmoe.model.config import AttentionSection, FFNSection, ModelConfig, ModelSection
+from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.upcycle import morph, surgery
 from vpmoe.upcycle.drift import CalibrationRow, _Accumulator, compare_logits
 

@@ -1,8 +1,8 @@
+import tomllib
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-import tomllib
 
 from vpmoe import config
 from vpmoe.errors import UserError

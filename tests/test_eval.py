@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts.models import save_model
 from vpmoe.cli import main
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
@@ -28,7 +29,7 @@ from vpmoe.eval.suite import (
     score_answer,
     summarize,
 )
-from vpmoe.model import build_model, save_model
+from vpmoe.model import build_model
 from vpmoe.testing.models import model_config
 
 V = tk.VOCAB_SIZE

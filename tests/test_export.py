@@ -5,9 +5,10 @@ import sys
 import pytest
 import torch
 
+from vpmoe.artifacts.models import load_model, save_model
 from vpmoe.errors import UserError
-from vpmoe.export import export, load_any
-from vpmoe.model import build_model, save_model
+from vpmoe.export import export
+from vpmoe.model import build_model
 from vpmoe.testing.models import model_config
 
 
@@ -32,7 +33,7 @@ def test_export_round_trip_is_bit_exact_and_shards(tmp_path):
     assert json.loads((single / "tokenizer_config.json").read_text())["vocab_size"] == 201088
     ids = torch.randint(0, 201088, (1, 40))
     for directory in (single, sharded):
-        loaded, _ = load_any(directory)
+        loaded = load_model(directory)
         assert_same_weights(model, loaded)
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     with pytest.raises(UserError, match="already exists"):
@@ -52,8 +53,8 @@ def test_export_of_a_training_run_via_the_cli(tmp_path, synth_dataset):
     done = subprocess.run([sys.executable, "-m", "vpmoe.cli", "export", str(run), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    trained, _ = load_any(run)
-    exported, _ = load_any(tmp_path / "out")
+    trained = load_model(run)
+    exported = load_model(tmp_path / "out")
     assert_same_weights(trained, exported)
     assert json.loads((tmp_path / "out" / "provenance.json").read_text())["parents"][0]["kind"] == "run"
     missing = subprocess.run([sys.executable, "-m", "vpmoe.cli", "export", str(tmp_path / "nope"), "--out",

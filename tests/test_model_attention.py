@@ -9,7 +9,12 @@ import torch
 from vpmoe.model import attention_ops
 from vpmoe.model.attention import Attention, AttentionContext
 from vpmoe.model.positions import (
-    alibi_slopes, apply_rotary, grape_inv_freq, grape_log_freq_init, rope_inv_freq, rotary_cos_sin,
+    alibi_slopes,
+    apply_rotary,
+    grape_inv_freq,
+    grape_log_freq_init,
+    rope_inv_freq,
+    rotary_cos_sin,
 )
 from vpmoe.testing.models import model_config
 

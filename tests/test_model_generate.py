@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vpmoe.model import KVCache, generate
-from vpmoe.testing.models import model_config
 from vpmoe.model.transformer import Transformer
+from vpmoe.testing.models import model_config
 
 
 def tiny(name, *overrides):

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from vpmoe.model import Kernels, Transformer
-from vpmoe.model import attention_ops
+from vpmoe.model import Kernels, Transformer, attention_ops
 from vpmoe.model.moe import MoE
 from vpmoe.testing.models import model_config
 
@@ -180,25 +179,23 @@ def test_generation_with_fast_kernels_matches_full_forward():
 def test_cuda_graph_blocks_train_like_compiled_blocks():
     """Three optimizer steps with gradient accumulation: blocks replayed as CUDA graphs (static block masks,
     gradients allocated outside the graph pool) against the same compiled blocks launched one kernel at a time."""
+    from vpmoe.model.config import load_model_config
     from vpmoe.perf.measure import synthetic_trainer
     from vpmoe.train.config import load_train_config
-    from vpmoe.train.trainer import StepStats
 
     def train(compile_mode):
         torch._dynamo.reset()
         cfg = load_train_config("configs/train/tiny_ce.toml", [
             "data.seq_len=256", "data.micro_batch_size=2", "data.grad_accum=2", "train.steps=10", "train.device=cuda",
             "train.precision=bf16", "train.kernels=fast", f"train.compile={compile_mode}"])
-        trainer = synthetic_trainer(cfg, ["model.n_layers=5", "model.vocab_size=512", "attention.window=32"])
+        trainer = synthetic_trainer(cfg, load_model_config(cfg.model.config, [
+            "model.n_layers=5", "model.vocab_size=512", "attention.window=32"]))
         def flat():
             return torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
 
         start, losses = flat(), []
         for _ in range(3):
-            stats = StepStats()
-            trainer.train_step(stats)
-            trainer.step += 1
-            losses.append(stats.terms["ce"])
+            losses.append(trainer.step().terms["ce"])
         return losses, flat() - start
 
     graphed_losses, graphed_update = train("cudagraphs")

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from vpmoe.model.config import MoESection
-from vpmoe.model.moe import (MoE, Router, SortedBiasAdd, group_limit_binds, relu2, route, seq_aux_loss,
-                             top_k_indices)
-from vpmoe.testing.models import model_config
+from vpmoe.model.moe import MoE, Router, SortedBiasAdd, group_limit_binds, relu2, route, seq_aux_loss, top_k_indices
 from vpmoe.model.transformer import Transformer
+from vpmoe.testing.models import model_config
 
 f64 = torch.float64
 SPEC = MoESection(enabled=True)  # 256 experts, 8 groups, top-4 groups, top-4, scaling 2.5

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from vpmoe.cli import main
+from vpmoe.config import shipped_dir
 from vpmoe.errors import UserError
 from vpmoe.model import count_params
-from vpmoe.config import shipped_dir
 from vpmoe.testing.models import model_config
 
 CONFIG_DIR = shipped_dir("model")

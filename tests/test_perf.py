@@ -7,19 +7,20 @@ import pytest
 import torch
 
 from vpmoe import cli
+from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
 from vpmoe.model import positions_from_doc_ids
+from vpmoe.model.config import load_model_config
 from vpmoe.perf.autotune import accumulation_plan, largest_fitting
 from vpmoe.perf.measure import measure, set_micro_batch, synthetic_trainer
 from vpmoe.perf.synthetic import SyntheticBatches
 from vpmoe.train.config import load_train_config
-from vpmoe.train.distributed import Dist
 from vpmoe.train.timing import PhaseTimer
 from vpmoe.train.trainer import Trainer
 
 TINY = "configs/train/tiny_ce.toml"
 SMALL = ["data.seq_len=64", "train.steps=100"]
-SMALL_MODEL = ["model.n_layers=3", "model.vocab_size=256"]
+SMALL_MODEL = load_model_config("tiny_moe", ["model.n_layers=3", "model.vocab_size=256"])
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 2, 3, 7, 8, 13, 50, 64])
@@ -72,7 +73,7 @@ def test_measure_runs_the_real_training_step():
     trainer = synthetic_trainer(cfg, SMALL_MODEL)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = measure(trainer, warmup=1, steps=2)
-    assert trainer.step == 3  # the optimizer stepped every time
+    assert trainer.global_step == 3  # the optimizer stepped every time
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert "head.weight" in changed and "layers.1.mlp.experts.up" in changed
     ms = result["step_ms"]
@@ -81,12 +82,12 @@ def test_measure_runs_the_real_training_step():
     assert result["tokens_per_s"] == pytest.approx(1 * 64 * 1000 / ms["total"], rel=0.02)  # micro-batch 1, no accumulation
     assert result["n_layers"] == 3 and result["router"]["experts_active_mean"] > 0
     set_micro_batch(trainer, 2, grad_accum=2)
-    assert next(trainer.loader).input_ids.shape == (2, 64) and trainer.cfg.data.grad_accum == 2
+    assert next(trainer.data).input_ids.shape == (2, 64) and trainer.cfg.data.grad_accum == 2
 
 
 def test_a_kd_config_is_measured_as_its_ce_stage():
     trainer = synthetic_trainer(load_train_config("configs/train/tiny_kd.toml", SMALL), SMALL_MODEL)
-    assert trainer.stage == "ce" and trainer.teacher is None and trainer.cfg.loss.kd == 0
+    assert trainer.objective.name == "ce" and trainer.cfg.train.stage == "ce" and trainer.cfg.loss.kd == 0
 
 
 def test_profile_writes_a_summary_json(tmp_path, capsys):
@@ -120,6 +121,6 @@ def test_cuda_graph_compile_is_refused_where_it_cannot_run(tmp_path):
     cfg = load_train_config(TINY, [*SMALL, "train.compile=cudagraphs", "train.device=cpu"])
     with pytest.raises(UserError, match="needs CUDA"):
         synthetic_trainer(cfg, SMALL_MODEL)
-    two_ranks = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    two_ranks = Ranks(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="one GPU only"):
-        Trainer(cfg, two_ranks, batches=SyntheticBatches(256, 64, 1), model_overrides=SMALL_MODEL)
+        Trainer(cfg, two_ranks, SyntheticBatches(256, 64, 1), SMALL_MODEL, 64)

@@ -3,11 +3,12 @@ import shutil
 import numpy as np
 import torch
 
-from vpmoe.model import build_model, save_model
-from vpmoe.testing.models import model_config
+from vpmoe.artifacts.models import save_model
+from vpmoe.model import build_model
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
 from vpmoe.teacher.score import score
 from vpmoe.teacher.sidecar import TeacherSidecar
+from vpmoe.testing.models import model_config
 
 
 def test_a_vpmoe_checkpoint_can_be_the_teacher(tmp_path, synth_dataset):

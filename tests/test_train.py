@@ -11,10 +11,10 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from vpmoe import config as config_io
+from vpmoe.artifacts import checkpoints as checkpoint
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.errors import RunError, UserError
-from vpmoe.train import checkpoint
 from vpmoe.train.config import load_train_config
 from vpmoe.train.trainer import train
 
@@ -65,7 +65,7 @@ def test_frozen_groups_do_not_change_and_get_no_optimizer_state(tmp_path, small_
     from vpmoe.model import build_model, load_model_config
     from vpmoe.optim import build_optimizer
     from vpmoe.optim.config import OptimConfig
-    from vpmoe.train.trainer import apply_freeze
+    from vpmoe.train.parallelize import apply_freeze
 
     cfg = load_model_config(ROOT / "configs/model/tiny_moe.toml")
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+from vpmoe.artifacts.models import load_model
 from vpmoe.cli import main
-from vpmoe.model.io import load_model
 from vpmoe.testing import upcycle as testing
 from vpmoe.upcycle.config import load_upcycle_config
 from vpmoe.upcycle.drift import CalibrationSection, calibration_rows

@@ -9,8 +9,8 @@ from vpmoe.errors import UserError
 from vpmoe.model.attention import Attention, AttentionContext
 from vpmoe.model.moe import DenseFFN
 from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
-from vpmoe.testing.models import model_config
 from vpmoe.model.transformer import build_model
+from vpmoe.testing.models import model_config
 from vpmoe.upcycle import expand, granular, morph, surgery
 
 f64 = torch.float64

@@ -60,8 +60,10 @@ def locate(ref: str | Path, kind: str) -> Path:
     return path
 
 
-def load(path: str | Path, schema: type[T], overrides: list[str] | None = None, kind: str | None = None) -> T:
-    """Load and validate a config; with `kind`, `path` may also be a shipped config's bare name (see `locate`)."""
+def load(path: str | Path, schema: type[T], overrides: list[str] | None = None, kind: str | None = None,
+         changes: dict[str, Any] | None = None) -> T:
+    """Load and validate a config; with `kind`, `path` may also be a shipped config's bare name (see `locate`).
+    `overrides` are the user's `section.key=value` strings; `changes` typed values set from Python (after them)."""
     path = locate(path, kind) if kind is not None else Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -71,22 +73,38 @@ def load(path: str | Path, schema: type[T], overrides: list[str] | None = None, 
         raise UserError(f"{path}: not valid TOML: {e}") from None
     for item in overrides or []:
         apply_override(raw, item)
+    _apply_changes(raw, changes or {}, str(path))
     return from_dict(raw, schema, source=str(path))
+
+
+def from_overrides(schema: type[T], overrides: list[str], changes: dict[str, Any] | None = None,
+                   source: str = "command line") -> T:
+    """A config with no file: the schema's defaults, the user's overrides, then typed changes."""
+    raw: dict = {}
+    for item in overrides:
+        apply_override(raw, item)
+    _apply_changes(raw, changes or {}, source)
+    return from_dict(raw, schema, source=source)
+
+
+def _apply_changes(raw: dict, changes: dict[str, Any], source: str) -> None:
+    for dotted, value in changes.items():
+        *path, leaf = dotted.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{source}: '{part}' in {dotted!r} is not a table")
+        node[leaf] = _plain(value)
 
 
 def replace(obj: T, changes: dict[str, Any], source: str = "") -> T:
     """A copy of a loaded config with typed changes applied (`{"data.path": Path(...), "train.steps": 10}`),
     checked exactly as a TOML file's values are (types, Literal choices, each section's validate())."""
+    source = source or f"{type(obj).__name__} with {', '.join(changes)} replaced"
     raw = _plain(to_dict(obj))
-    for dotted, value in changes.items():
-        *path, leaf = dotted.split(".")
-        node = raw
-        for part in path:
-            if not isinstance(node.get(part), dict):
-                raise UserError(f"{source or type(obj).__name__}: unknown section '{'.'.join(path)}' in {dotted!r}")
-            node = node[part]
-        node[leaf] = _plain(value)
-    return from_dict(raw, type(obj), source=source or f"{type(obj).__name__} with {', '.join(changes)} replaced")
+    _apply_changes(raw, changes, source)
+    return from_dict(raw, type(obj), source=source)
 
 
 def _plain(value: Any) -> Any:

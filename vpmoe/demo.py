@@ -17,9 +17,18 @@ from pathlib import Path
 
 import torch
 
+from vpmoe import config as config_io
+from vpmoe.artifacts.models import save_model
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.errors import UserError
+from vpmoe.eval.run import evaluate_checkpoint
+from vpmoe.export import export
+from vpmoe.model import build_model, load_model_config
+from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
+from vpmoe.teacher.score import score
+from vpmoe.train.config import load_train_config
+from vpmoe.train.trainer import train
 
 MARKER = ".vpmoe-demo"
 
@@ -36,10 +45,6 @@ class DemoSize:
 
 def _train(config: str, run_dir: Path, dataset: Path, steps: int, changes: dict | None = None) -> Path:
     """Train one of the shipped tiny configs for `steps` steps into `run_dir`."""
-    from vpmoe import config as config_io
-    from vpmoe.train.config import load_train_config
-    from vpmoe.train.trainer import train
-
     cfg = config_io.replace(load_train_config(config), {
         "run.dir": run_dir, "data.path": dataset, "train.steps": steps, "checkpoint.every": steps,
         "train.log_every": max(steps // 10, 1), "optim.warmup_steps": min(5, max(steps // 4, 1)), **(changes or {}),
@@ -73,8 +78,6 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
         valid_fraction=0.1, workers=2)))
 
     def teacher() -> Path:
-        from vpmoe.export import export
-
         run = _train("tiny_ce", root / "runs" / "teacher", dataset, size.teacher_steps,
                      {"model.config": "demo_teacher"})
         return export(run, root / "teacher")
@@ -82,9 +85,6 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
     teacher_dir = stage("teacher", teacher)
 
     def scoring() -> Path:
-        from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
-        from vpmoe.teacher.score import score
-
         cfg = ScoreConfig(TeacherSection(path=str(teacher_dir), dataset=str(dataset), k=32, dtype="float32"),
                           ScoreSection(device="cpu", batch_tokens=8192, shard_samples=64))
         score(cfg, config_hash="demo")
@@ -93,8 +93,6 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
     stage("scoring", scoring)
 
     def init() -> Path:
-        from vpmoe.model import build_model, load_model_config, save_model
-
         torch.manual_seed(0)
         return save_model(build_model(load_model_config("tiny_moe")), root / "student_init")
 
@@ -108,8 +106,6 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
     }
 
     def evaluate() -> Path:
-        from vpmoe.eval.run import evaluate_checkpoint
-
         for label, run in students.items():
             result = evaluate_checkpoint(run, dataset=str(dataset), max_samples=size.eval_samples,
                                          max_new_tokens=size.max_new_tokens, suite_items=size.suite_items,

@@ -24,10 +24,11 @@ import numpy as np
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
-from vpmoe.data.harmony import SPAN_NAMES, SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
+from vpmoe.data.harmony import SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
 from vpmoe.data.indexed import IndexedWriter
 from vpmoe.data.records import ID_FIELD, read_records
 from vpmoe.errors import UserError
+from vpmoe.spans import NAMES as SPAN_NAMES
 
 SCHEMA_VERSION = 1
 PLAN_VERSION = 2  # 2: inputs are identified by (size, mtime_ns) up front, by sha256 once rendered

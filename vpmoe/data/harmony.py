@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vpmoe import spans
 from vpmoe import tokenizer as tk
 
-SPAN_NONE, SPAN_REASONING, SPAN_FINAL = 0, 1, 2
-SPAN_NAMES = {SPAN_NONE: "none", SPAN_REASONING: "reasoning", SPAN_FINAL: "final"}
 EFFORTS = ("low", "medium", "high")
 
 
@@ -123,10 +122,10 @@ class HarmonyRenderer:
         analysis = self.analysis_head + r + [tk.END] if r is not None else []
         final = self.final_head + a + [tk.RETURN]
         tokens = np.array(head + analysis + final, dtype=np.int32)
-        spans = np.zeros(len(tokens), dtype=np.uint8)
-        spans[len(head) : len(head) + len(analysis)] = SPAN_REASONING
-        spans[len(head) + len(analysis) :] = SPAN_FINAL
-        return Rendered(tokens, spans, truncated)
+        labels = np.zeros(len(tokens), dtype=np.uint8)
+        labels[len(head) : len(head) + len(analysis)] = spans.REASONING
+        labels[len(head) + len(analysis) :] = spans.FINAL
+        return Rendered(tokens, labels, truncated)
 
     @staticmethod
     def render_text(text: str, seq_len: int) -> list[Rendered]:
@@ -140,9 +139,9 @@ class HarmonyRenderer:
         chunks = []
         for start in range(0, len(ids), seq_len):
             tokens = ids[start : start + seq_len]
-            spans = np.full(len(tokens), SPAN_FINAL, dtype=np.uint8)
-            spans[0] = SPAN_NONE
-            chunks.append(Rendered(tokens, spans, "chunked" if len(ids) > seq_len else None))
+            labels = np.full(len(tokens), spans.FINAL, dtype=np.uint8)
+            labels[0] = spans.NONE
+            chunks.append(Rendered(tokens, labels, "chunked" if len(ids) > seq_len else None))
         return chunks
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from vpmoe import tokenizer as tk
-from vpmoe.data.harmony import SPAN_NAMES
 from vpmoe.data.loader import SplitReader, read_manifest
 from vpmoe.errors import UserError
+from vpmoe.spans import NAMES as SPAN_NAMES
 
 COLORS = {1: "\033[33m", 2: "\033[32m"}  # reasoning yellow, final green
 RESET = "\033[0m"

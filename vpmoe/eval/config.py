@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from vpmoe import config as config_io
+from vpmoe.provenance import portable_name
 
 PARTS = ("heldout", "suite", "sanity", "teacher_kl")  # teacher_kl needs a dataset with a teacher sidecar
 DEFAULT_PARTS = ("heldout", "suite", "sanity")
@@ -58,8 +59,6 @@ class EvalSection:
     def settings(self) -> dict:
         """What decides a report's numbers for a given checkpoint (its hash decides whether a report is reused).
         Paths are portable names (no machine paths in reports); the runner adds content hashes."""
-        from vpmoe.provenance import portable_name
-
         keep = ("split", "max_samples", "max_new_tokens", "reasoning_effort", "suite_items", "parts", "precision")
         return {"dataset": portable_name(self.dataset) if self.dataset else "",
                 "suite": portable_name(self.suite) if self.suite else "",
@@ -74,13 +73,8 @@ class EvalConfig:
         self.eval.validate()
 
 
-def load_eval_config(path: str, overrides: list[str] | None = None) -> EvalConfig:
-    return config_io.load(path, EvalConfig, overrides, kind="eval")
-
-
-def eval_config_from_overrides(overrides: list[str]) -> EvalConfig:
-    """A config from the defaults plus `section.key=value` overrides (the `--checkpoint` shortcut)."""
-    raw: dict = {}
-    for item in overrides:
-        config_io.apply_override(raw, item)
-    return config_io.from_dict(raw, EvalConfig, source="command line")
+def load_eval_config(path: str | None, overrides: list[str] | None = None, changes: dict | None = None) -> EvalConfig:
+    """An eval config file (or, with `path` None, the defaults) with the user's overrides and typed changes."""
+    if path is None:
+        return config_io.from_overrides(EvalConfig, overrides or [], changes)
+    return config_io.load(path, EvalConfig, overrides, kind="eval", changes=changes)

@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vpmoe import provenance
+from vpmoe import provenance, spans
 from vpmoe import tokenizer as tk
-from vpmoe.data.harmony import SPAN_FINAL, SPAN_REASONING
 from vpmoe.data.loader import SplitReader, make_rows
 from vpmoe.errors import UserError
 
-SPANS = {"reasoning": (SPAN_REASONING,), "final": (SPAN_FINAL,), "all": (SPAN_REASONING, SPAN_FINAL)}
+SPANS = {**{name: (code,) for code, name in spans.SUPERVISED.items()}, "all": tuple(spans.SUPERVISED)}
 CHUNK = 2048  # supervised positions per head + fp32 log-softmax (bounds the [N, vocab] temporary)
 
 
@@ -72,7 +71,7 @@ def heldout_loss(model: torch.nn.Module, dataset: str | Path, split: str = "vali
         raise UserError(f"{dataset}: split {split!r} is empty: nothing to evaluate held-out loss on")
     device = _model_device(model)
     table = torch.from_numpy(token_bytes())
-    nats = {s: 0.0 for s in (SPAN_REASONING, SPAN_FINAL)}
+    nats = {s: 0.0 for s in spans.SUPERVISED}
     counts = {s: 0 for s in nats}
     nbytes = {s: 0 for s in nats}
     was_training = model.training
@@ -84,10 +83,10 @@ def heldout_loss(model: torch.nn.Module, dataset: str | Path, split: str = "vali
             batch = {k: torch.from_numpy(v) for k, v in rows.items()}
             hidden = model.body(batch["input_ids"].to(device), batch["position_ids"].to(device),
                                 batch["doc_ids"].to(device)).hidden
-            spans = batch["label_spans"]
-            mask = spans > 0
+            row_spans = batch["label_spans"]
+            mask = row_spans > 0
             labels = batch["labels"][mask]
-            label_spans = spans[mask]
+            label_spans = row_spans[mask]
             selected = hidden[mask.to(device)]
             token_nats = torch.empty(len(labels), dtype=torch.float64)
             for lo in range(0, len(labels), CHUNK):  # the head only at supervised positions, a chunk at a time

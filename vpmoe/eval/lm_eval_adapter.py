@@ -25,7 +25,6 @@ always plain text (perplexity of a document has no conversation).
 from __future__ import annotations
 
 import json
-import warnings
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -33,7 +32,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts.models import load_model
+from vpmoe.distributed import resolve_device
 from vpmoe.errors import UserError
+from vpmoe.model.kernels import compute_dtype
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -55,20 +57,16 @@ class VpmoeLM(TemplateLM):
         if (checkpoint is None) == (model is None):
             raise UserError("VpmoeLM needs exactly one of checkpoint= (a path) or model= (a loaded Transformer)")
         if model is None:
-            from vpmoe.export import load_any
-
             device = str(device or "auto")
             if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+                device = str(resolve_device("auto"))
             if dtype == "auto":
-                torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+                torch_dtype = compute_dtype("auto", torch.device(device))
             elif dtype in DTYPES:
                 torch_dtype = DTYPES[dtype]
             else:
                 raise UserError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-            with warnings.catch_warnings():  # DCP's note that it loads in a single process
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                model, _ = load_any(checkpoint, device=device, dtype=torch_dtype)
+            model = load_model(checkpoint, device=device, dtype=torch_dtype)
         self.model = model.eval()
         self._device = next(model.parameters()).device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" falls back to 8

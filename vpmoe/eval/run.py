@@ -14,16 +14,26 @@ import dataclasses
 import hashlib
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vpmoe import provenance
+from vpmoe.artifacts import checkpoints
+from vpmoe.artifacts.models import CONFIG_FILE, load_model, resolve
+from vpmoe.data.loader import read_manifest
+from vpmoe.distributed import resolve_device
 from vpmoe.errors import UserError
-from vpmoe.eval.config import EvalConfig, EvalSection, eval_config_from_overrides, load_eval_config
+from vpmoe.eval.config import EvalConfig, EvalSection, load_eval_config
+from vpmoe.eval.heldout import heldout_loss
 from vpmoe.eval.report import SCHEMA, comparison_rows, comparison_table, write_comparison, write_report
+from vpmoe.eval.sanity import run_sanity
+from vpmoe.eval.suite import load_suite, run_suite, subset
+from vpmoe.eval.teacher_kl import heldout_teacher_kl
+from vpmoe.model import Kernels
+from vpmoe.model.kernels import compute_dtype
+from vpmoe.model.params import count_params
 
 FINGERPRINT_FILES = ("complete.json", "provenance.json", "model_config.json", "config.json",
                      "model.safetensors.index.json")
@@ -59,33 +69,23 @@ class EvalResult:
 
 def locate(path: str | Path) -> Target:
     """Resolve a checkpoint path (run dir -> latest checkpoint) and decide where its report goes."""
-    from vpmoe.export import resolve
-    from vpmoe.train.checkpoint import COMPLETE, STEP_DIR
-
-    directory = resolve(path)
-    match = STEP_DIR.match(directory.name)
-    if (directory / COMPLETE).is_file() and match and directory.parent.name == "checkpoints":
-        run = directory.parent.parent
-        step = int(match.group(1))
-        return Target(directory, run / "eval", directory.name, f"{run.name}@{step}", step, run)
-    return Target(directory, directory / "eval", directory.name, directory.name, None, None)
+    artifact = resolve(path)
+    if artifact.kind == "hf":
+        raise UserError(f"{artifact.directory} is a Hugging Face model, not a vpmoe checkpoint")
+    if artifact.run is not None:
+        return Target(artifact.directory, artifact.run / "eval", artifact.directory.name, artifact.label,
+                      artifact.step, artifact.run)
+    return Target(artifact.directory, artifact.directory / "eval", artifact.directory.name, artifact.label, None, None)
 
 
 def expand(paths: list[str], steps: str = "latest") -> list[Target]:
     """Targets for the configured paths; with steps = "all", a run directory gives every complete checkpoint."""
-    from vpmoe.train.checkpoint import COMPLETE, complete_checkpoints
-
     targets = []
     for raw in paths:
         path = Path(raw)
-        is_run = path.is_dir() and not (path / "config.json").is_file() and not (path / COMPLETE).is_file()
-        if steps == "all" and is_run:
-            found = complete_checkpoints(path)
-            if not found:
-                raise UserError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
-            targets += [locate(p) for p in found]
-        else:
-            targets.append(locate(path))
+        found = checkpoints.complete_checkpoints(path) if steps == "all" and path.is_dir() else []
+        is_run = found and not (path / CONFIG_FILE).is_file() and not checkpoints.is_checkpoint(path)
+        targets += [locate(p) for p in found] if is_run else [locate(path)]
     seen = set()
     unique = []
     for target in targets:
@@ -108,8 +108,6 @@ def fingerprint(directory: Path) -> str:
 
 
 def _settings_hash(settings: EvalSection, suite_sha256: str | None) -> str:
-    from vpmoe.data.loader import read_manifest
-
     payload = dict(settings.settings())
     if {"heldout", "teacher_kl"} & set(settings.parts) and settings.dataset:
         payload["dataset_manifest"] = hashlib.sha256(json.dumps(read_manifest(settings.dataset),
@@ -120,14 +118,8 @@ def _settings_hash(settings: EvalSection, suite_sha256: str | None) -> str:
 
 
 def _device_dtype(settings: EvalSection) -> tuple[torch.device, torch.dtype]:
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("eval.device = \"cuda\" but no CUDA device is available")
-    device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto" and
-                                                                  torch.cuda.is_available()) else "cpu")
-    precision = settings.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return device, torch.bfloat16 if precision == "bf16" else torch.float32
+    device = resolve_device(settings.device)
+    return device, compute_dtype(settings.precision, device)
 
 
 def _parent_provenance(target: Target, settings: EvalSection) -> list[dict]:
@@ -136,8 +128,6 @@ def _parent_provenance(target: Target, settings: EvalSection) -> list[dict]:
         if candidate.is_file():
             parents.append(json.loads(candidate.read_text()))
     if {"heldout", "teacher_kl"} & set(settings.parts) and settings.dataset:
-        from vpmoe.data.loader import read_manifest
-
         parents.append({"dataset": provenance.portable_name(settings.dataset),
                         **read_manifest(settings.dataset).get("provenance", {})})
     return parents
@@ -159,8 +149,6 @@ def evaluate_checkpoint(path: str | Path, settings: EvalSection | None = None, *
 
 
 def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResult:
-    from vpmoe.eval.suite import load_suite, subset
-
     suite = subset(load_suite(settings.suite), settings.suite_items) if "suite" in settings.parts else None
     needs_data = {"heldout", "teacher_kl"} & set(settings.parts)
     if needs_data and settings.dataset and not Path(settings.dataset).is_dir():
@@ -179,19 +167,9 @@ def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResul
             print_(f"reused {target.json_path} (same checkpoint, same settings)")
             return EvalResult(old, target.json_path, target.md_path, reused=True)
 
-    from vpmoe.eval.heldout import heldout_loss
-    from vpmoe.eval.sanity import run_sanity
-    from vpmoe.eval.suite import run_suite
-    from vpmoe.export import load_any
-    from vpmoe.model import Kernels
-    from vpmoe.model.params import count_params
-
     start = time.perf_counter()
     device, dtype = _device_dtype(settings)
-    kernels = Kernels.fast() if settings.kernels == "fast" else Kernels()
-    with warnings.catch_warnings():  # DCP's note that it loads in a single process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        model, _ = load_any(target.directory, device=device, dtype=dtype, kernels=kernels)
+    model = load_model(target.directory, device=device, dtype=dtype, kernels=Kernels.named(settings.kernels))
     model.eval()
     params = count_params(model.cfg)
     report: dict = {
@@ -214,8 +192,6 @@ def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResul
         else:
             print_("  held-out: skipped (eval.dataset is empty)")
     if "teacher_kl" in settings.parts:
-        from vpmoe.eval.teacher_kl import heldout_teacher_kl
-
         report["teacher_kl"] = heldout_teacher_kl(model, settings.dataset, settings.split, settings.batch_size,
                                                   settings.max_samples)
         print_(f"  held-out KL to the teacher: {report['teacher_kl']['all']['kl']:.4f} nats/token over "
@@ -305,16 +281,15 @@ def eval_from_cli(config: str | None, checkpoints: list[str], dataset: str | Non
                   out: str | None = None, overrides: list[str] | None = None):
     """`vpmoe eval CONFIG` or `vpmoe eval --checkpoint DIR [--checkpoint DIR ...] [--dataset DS] [--all-steps]
     [--out DIR]`; the shortcut options override the config's values."""
-    extra = list(overrides or [])
-    if checkpoints:
-        extra.append(f"eval.checkpoint={json.dumps(checkpoints if len(checkpoints) > 1 else checkpoints[0])}")
-    if dataset is not None:
-        extra.append(f"eval.dataset={json.dumps(dataset)}")
-    if all_steps:
-        extra.append('eval.steps="all"')
-    if out is not None:
-        extra.append(f"eval.out={json.dumps(out)}")
     if config is None and not checkpoints:
         raise UserError("vpmoe eval needs a config (vpmoe eval CONFIG) or a checkpoint (vpmoe eval --checkpoint DIR)")
-    cfg = load_eval_config(config, extra) if config is not None else eval_config_from_overrides(extra)
-    return run_eval(cfg)
+    changes: dict = {}
+    if checkpoints:
+        changes["eval.checkpoint"] = checkpoints if len(checkpoints) > 1 else checkpoints[0]
+    if dataset is not None:
+        changes["eval.dataset"] = dataset
+    if all_steps:
+        changes["eval.steps"] = "all"
+    if out is not None:
+        changes["eval.out"] = out
+    return run_eval(load_eval_config(config, overrides, changes))

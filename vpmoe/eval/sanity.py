@@ -7,6 +7,8 @@ Each check is a (name, ok, detail) entry; the Harmony validity of greedy generat
 from __future__ import annotations
 
 from vpmoe import tokenizer as tk
+from vpmoe.data.harmony import HarmonyRenderer
+from vpmoe.eval.suite import prompt_tokens
 
 ROUNDTRIP_TEXTS = (
     "Hello, world!",
@@ -47,9 +49,6 @@ def tokenizer_checks(reasoning_effort: str = "medium") -> list[dict]:
 
 def _prompt_matches_training(reasoning_effort: str) -> bool:
     """The suite's openai-harmony prompt equals the training renderer's head + `<|start|>assistant`."""
-    from vpmoe.data.harmony import HarmonyRenderer
-    from vpmoe.eval.suite import prompt_tokens
-
     renderer = HarmonyRenderer(reasoning_effort)
     text = "What is 2 + 2?"
     ours = renderer.system + renderer.user_head + tk.encode(text) + [tk.END, tk.START, *tk.encode("assistant")]

@@ -34,6 +34,7 @@ import torch
 
 from vpmoe import tokenizer as tk
 from vpmoe.errors import UserError
+from vpmoe.model import generate
 
 SUITE_FILE = Path(__file__).with_name("suite.jsonl")
 SUITE_VERSION = "core-v1"
@@ -238,8 +239,6 @@ def parse_completion(tokens: list[int]) -> Completion:
 
 def generate_completions(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy completions (KV-cached, `batch_size` prompts at a time), each cut after its stop token."""
-    from vpmoe.model import generate
-
     out: list[list[int]] = []
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]

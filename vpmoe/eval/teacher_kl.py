@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from vpmoe import spans
 from vpmoe.data.loader import Loader, read_manifest
-from vpmoe.data.harmony import SPAN_NAMES
 from vpmoe.teacher.sidecar import TeacherSidecar, batch_rows
 from vpmoe.train import losses
 
@@ -24,18 +24,19 @@ def heldout_teacher_kl(model, dataset: str | Path, split: str = "valid", batch_s
     loader = Loader(dataset, split, seq_len, batch_size, seed=0, shuffle=False)
     total = len(sidecar) if not max_samples else min(max_samples, len(sidecar))
     device = next(model.parameters()).device
-    sums = torch.zeros(losses.NUM_SPANS, dtype=torch.float64)
-    counts = torch.zeros(losses.NUM_SPANS, dtype=torch.int64)
+    sums = torch.zeros(spans.COUNT, dtype=torch.float64)
+    counts = torch.zeros(spans.COUNT, dtype=torch.int64)
     for start in range(0, total, batch_size):
         batch = next(loader).to(device)
         keep = min(batch_size, total - start)
         mask = batch.label_spans[:keep] > 0
         out = model(batch.input_ids[:keep], batch.position_ids[:keep], batch.doc_ids[:keep], logits_at=mask)
         teacher = batch_rows(sidecar, batch.sample_index[:keep].tolist(), device)
-        kl = losses.topk_kl(out.logits, teacher["topk_ids"], teacher["topk_logprobs"])
-        spans = batch.label_spans[:keep][mask]
-        sums += losses.span_sums(kl.double(), spans).cpu()
-        counts += losses.span_counts(spans).cpu()
-    result = {SPAN_NAMES[s]: {"kl": (sums[s] / max(counts[s], 1)).item(), "tokens": int(counts[s])} for s in (1, 2)}
+        kl = losses.topk_kl(out.logits, teacher.topk_ids, teacher.topk_logprobs)
+        labels = batch.label_spans[:keep][mask]
+        sums += losses.span_sums(kl.double(), labels).cpu()
+        counts += losses.span_counts(labels).cpu()
+    result = {name: {"kl": (sums[s] / max(counts[s], 1)).item(), "tokens": int(counts[s])}
+              for s, name in spans.SUPERVISED.items()}
     result["all"] = {"kl": (sums[1:].sum() / max(int(counts[1:].sum()), 1)).item(), "tokens": int(counts[1:].sum())}
     return result

@@ -29,6 +29,14 @@ class Kernels:
             raise UserError(f"unknown experts kernel {self.experts!r} (padded_bmm, grouped_mm or loop)")
 
     @classmethod
+    def named(cls, name: str) -> Kernels:
+        """The kernel sets a config names: "reference", "fast" or "naive"."""
+        sets = {"reference": cls, "fast": cls.fast, "naive": cls.naive}
+        if name not in sets:
+            raise UserError(f"unknown kernels {name!r}: use one of {sorted(sets)}")
+        return sets[name]()
+
+    @classmethod
     def fast(cls) -> Kernels:
         return cls(attention="flex", experts="grouped_mm")
 
@@ -50,3 +58,12 @@ def allow_recompiles(limit: int = 64) -> None:
     """Raise torch.compile's recompile limit to at least `limit`: a process compiles one graph per block kind and
     shape (autotune and eval see several), and past the default limit torch would quietly run eager code."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a precision setting computes in: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision {precision!r}: use \"auto\", \"fp32\" or \"bf16\"")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -243,12 +243,14 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                kernels: Kernels | None = None) -> Transformer:
-    """Construct on the meta device, allocate on `device`, initialize fresh weights, optionally cast."""
+                kernels: Kernels | None = None, init: bool = True) -> Transformer:
+    """Construct on the meta device, allocate on `device`, initialize fresh weights (unless `init` is False: the
+    caller loads every tensor next), optionally cast."""
     with torch.device("meta"):
         model = Transformer(cfg, kernels)
     model.to_empty(device=device)
-    model.init_weights()
+    if init:
+        model.init_weights()
     if dtype is not None:
         model.cast_(dtype)
     return model

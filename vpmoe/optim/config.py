@@ -20,8 +20,8 @@ class OptimConfig:
       ns_steps         Polar Express iterations (the coefficient table has 5).
       update_scale     0.2: update = update_scale * sqrt(max(m, n)) * normalized orthogonal update.
       ortho_dtype      "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16" or "float32".
-      compile          "off" (default), "on", or "auto" (on for CUDA): torch.compile the elementwise steps of large
-                       tensors into single kernels (momentum + Nesterov + cast; decay + row-scaled update). Falls back
+      compile          "off" (default) or "on": torch.compile the elementwise steps of large tensors into single
+                       kernels (momentum + Nesterov + cast; decay + row-scaled update). Falls back
                        to eager ops on failure. On H200 / torch 2.11 it cut the full vpMoE step's GPU time from ~197
                        to ~158 ms but the step's wall time rose to ~370-390 ms (CPU-bound dynamo overhead), hence off.
     AdamW (embeddings, head, router: decayed; norms, biases, sinks, value-residual logits, GRAPE frequencies: not):
@@ -40,7 +40,7 @@ class OptimConfig:
     ns_steps: int = 5
     update_scale: float = 0.2
     ortho_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    compile: Literal["auto", "on", "off"] = "off"
+    compile: Literal["off", "on"] = "off"
     lr_adam: float = 1e-3
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -64,7 +64,7 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"optim.compile must be auto, on or off, got {self.compile!r}")
+        if self.compile not in ("on", "off"):
+            raise ValueError(f"optim.compile must be on or off, got {self.compile!r}")
         if self.ortho_dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"optim.ortho_dtype must be auto, bfloat16 or float32, got {self.ortho_dtype!r}")

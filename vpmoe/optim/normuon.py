@@ -128,7 +128,7 @@ def _compiled(name: str):
 
 
 def use_compile(mode: str, device: torch.device) -> bool:
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    return mode == "on"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
                  compile: str = "off"):
         super().__init__(param_groups, {})
         self.info: dict[torch.Tensor, ParamInfo] = dict(info or {})
-        self.compile = compile  # "auto" | "on" | "off": a runtime choice, not part of the state dict
+        self.compile = compile  # "on" | "off": a runtime choice, not part of the state dict
         self._scalar_cache: dict[tuple, torch.Tensor] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -67,9 +67,11 @@ def accumulation_plan(micro_batch: int, target: int, world_size: int) -> tuple[i
 
 def autotune(config: str, overrides: list[str], seq_len: int | None, targets: list[int], world_size: int,
              limit: int) -> dict:
+    cfg = load_train_config(config, overrides)
+    changes = {"data.micro_batch_size": 1, "data.grad_accum": 1}
     if seq_len is not None:
-        overrides = [*overrides, f"data.seq_len={seq_len}"]
-    cfg = load_train_config(config, [*overrides, "data.micro_batch_size=1", "data.grad_accum=1"])
+        changes["data.seq_len"] = seq_len
+    cfg = config_io.replace(cfg, changes)
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         raise UserError("autotune measures GPU memory: it needs CUDA and train.device = \"cuda\" or \"auto\"")
     trainer = synthetic_trainer(cfg)
@@ -104,7 +106,7 @@ def autotune(config: str, overrides: list[str], seq_len: int | None, targets: li
                       "grad_accum": accum, "tokens_per_step": target * cfg.data.seq_len})
     return {
         "provenance": provenance.record("autotune", config_io.config_hash(cfg), config=provenance.portable_name(config),
-                                        overrides=overrides),
+                                        overrides=overrides, seq_len=cfg.data.seq_len),
         "device": torch.cuda.get_device_name(),
         "seq_len": cfg.data.seq_len,
         "max_micro_batch_size": best,

@@ -15,10 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from vpmoe import config as config_io
 from vpmoe import provenance
+from vpmoe.model.config import ModelConfig
 from vpmoe.perf.measure import measure, synchronize, synthetic_trainer
-from vpmoe.train import losses
 from vpmoe.train.config import load_train_config
-from vpmoe.train.trainer import StepStats
 
 
 def top_table(events, time_of, steps: int, rows: int) -> list[dict]:
@@ -44,38 +43,37 @@ def tables(prof, steps: int, rows: int, cuda: bool) -> dict:
 
 def profile_steps(trainer, steps: int, rows: int) -> dict:
     """Kernel tables of whole training steps, and of forward + backward alone (the model without the optimizer)."""
-    cuda = trainer.d.device.type == "cuda"
+    device = trainer.ranks.device
+    cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            trainer.train_step(StepStats())
-            trainer.step += 1
-        synchronize(trainer.d.device)
+            trainer.step()
+        synchronize(device)
     step_tables = tables(prof, steps, rows, cuda)
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            batch = next(trainer.loader).to(trainer.d.device)
-            counts = losses.span_counts(batch.label_spans)
-            loss = trainer.micro_step(batch, None, counts)[0]
-            loss.backward()
-        synchronize(trainer.d.device)
+            trainer.forward_backward()
+        synchronize(device)
     trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.take_window()
     trainer.timer.read()
     model_tables = tables(prof, steps, rows, cuda)
     return {**step_tables, **{f"{key}_forward_backward": value for key, value in model_tables.items()}}
 
 
 def profile_config(config: str, overrides: list[str], out: str, warmup: int, steps: int, profiled: int,
-                   rows: int = 15, model_overrides: list[str] | None = None) -> dict:
+                   rows: int = 15, model_cfg: ModelConfig | None = None) -> dict:
     cfg = load_train_config(config, overrides)
     with profile():  # start the profiler once before any CUDA graph is captured, or it may miss the graphs' kernels
         pass
-    trainer = synthetic_trainer(cfg, model_overrides)
+    trainer = synthetic_trainer(cfg, model_cfg)
     summary = measure(trainer, warmup, steps)
     summary.update(profile_steps(trainer, profiled, rows))
     summary["provenance"] = provenance.record("perf_profile", config_io.config_hash(cfg),
                                               config=provenance.portable_name(config), overrides=overrides,
-                                              model_overrides=model_overrides or [])
+                                              model=trainer.model_cfg.model.name,
+                                              n_layers=trainer.model_cfg.model.n_layers)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     provenance.atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

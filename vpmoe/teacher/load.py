@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts.files import read_json
+from vpmoe.artifacts.models import config_json, is_vpmoe_config, load_model
 from vpmoe.errors import UserError
+from vpmoe.provenance import file_sha256
 from vpmoe.teacher.config import ScoreSection, TeacherSection
 
 EOS_IDS = {tk.RETURN: "<|return|>", tk.CALL: "<|call|>", tk.ENDOFTEXT: "<|endoftext|>"}
@@ -40,20 +42,12 @@ class Teacher:
     placement: str  # human-readable, for the log
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the teacher's {what}: {e}") from None
-
-
 def read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"teacher.path {path} is not a directory (a local Hugging Face model directory)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"teacher.path {path} has no config.json: not a Hugging Face model directory")
-    return _read_json(path / "config.json", "config.json")
+    """The teacher directory's raw config.json (a Hugging Face model, or a vpmoe checkpoint object or export)."""
+    try:
+        return config_json(path)
+    except UserError as e:
+        raise UserError(f"teacher.path: {e}") from None
 
 
 def _ids(value) -> list[int]:
@@ -66,7 +60,7 @@ def check_vocabulary(path: str | Path) -> dict:
     """Refuse a teacher whose vocabulary or special-token ids differ from ours; return what was checked."""
     path = Path(path)
     cfg = read_config(path)
-    if is_vpmoe_checkpoint(cfg):  # our own models speak our tokenizer by construction; only the size can differ
+    if is_vpmoe_config(cfg):  # our own models speak our tokenizer by construction; only the size can differ
         vocab = cfg["model"]["vocab_size"]
         if vocab != tk.VOCAB_SIZE:
             raise UserError(f"teacher {path.name}: a vpmoe model with {vocab} ids, not {tk.VOCAB_SIZE}")
@@ -78,7 +72,7 @@ def check_vocabulary(path: str | Path) -> dict:
             f"a teacher must use the o200k Harmony vocabulary (e.g. GPT-OSS)"
         )
     generation = path / "generation_config.json"
-    gen = _read_json(generation, "generation_config.json") if generation.is_file() else {}
+    gen = read_json(generation, "the teacher's generation config") if generation.is_file() else {}
     eos = sorted(set(_ids(cfg.get("eos_token_id")) + _ids(gen.get("eos_token_id"))))
     bos = sorted(set(_ids(cfg.get("bos_token_id")) + _ids(gen.get("bos_token_id"))))
     pad = sorted(set(_ids(cfg.get("pad_token_id")) + _ids(gen.get("pad_token_id"))))
@@ -105,11 +99,11 @@ def check_vocabulary(path: str | Path) -> dict:
 def _check_tokenizer(path: Path) -> str:
     """The saved tokenizer must map the Harmony special tokens to our ids and encode text as ours does."""
     name = path.name
-    added = {t["content"]: int(t["id"]) for t in _read_json(path / "tokenizer.json", "tokenizer.json").get(
+    added = {t["content"]: int(t["id"]) for t in read_json(path / "tokenizer.json", "the teacher's tokenizer").get(
         "added_tokens", [])}
     config_file = path / "tokenizer_config.json"
     if config_file.is_file():
-        decoder = _read_json(config_file, "tokenizer_config.json").get("added_tokens_decoder", {})
+        decoder = read_json(config_file, "the teacher's tokenizer config").get("added_tokens_decoder", {})
         for token_id, entry in decoder.items():
             added.setdefault(entry.get("content"), int(token_id))
     missing = [t for t in HARMONY_REQUIRED if t not in added]
@@ -159,8 +153,6 @@ def identity(path: str | Path) -> dict:
 
 def hash_files(path: str | Path, threads: int = 8) -> list[dict]:
     """sha256 of every file that defines the teacher (weights included), hashed in parallel."""
-    from vpmoe.provenance import file_sha256
-
     files = model_files(path)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         digests = list(pool.map(file_sha256, files))
@@ -180,11 +172,6 @@ def _gpus(score: ScoreSection, local_rank: int) -> list[int]:
     return mine
 
 
-def is_vpmoe_checkpoint(cfg: dict) -> bool:
-    """A vpmoe checkpoint object or export (our ModelConfig in config.json) rather than a Hugging Face model."""
-    return {"model", "attention", "ffn"} <= cfg.keys()
-
-
 class _VpmoeBody(torch.nn.Module):
     """A vpmoe Transformer seen as a Hugging Face body: input_ids -> .last_hidden_state (final-normed)."""
 
@@ -199,12 +186,10 @@ class _VpmoeBody(torch.nn.Module):
 
 
 def _load_vpmoe(path: Path, teacher: TeacherSection, score: ScoreSection, local_rank: int) -> Teacher:
-    from vpmoe.export import load_any
-
     if score.device_map != "none":
         raise UserError("a vpmoe teacher runs on one device: set score.device_map = \"none\"")
     device = "cpu" if score.device == "cpu" else f"cuda:{_gpus(score, local_rank)[0]}"
-    model, _ = load_any(path, device=device, dtype=TORCH_DTYPES[teacher.dtype])
+    model = load_model(path, device=device, dtype=TORCH_DTYPES[teacher.dtype])
     model.eval().requires_grad_(False)
     return Teacher(model=model, body=_VpmoeBody(model), head_weight=model.head.weight, head_bias=None,
                    input_device=torch.device(device), placement=device)
@@ -216,7 +201,7 @@ def load_teacher(teacher: TeacherSection, score: ScoreSection, local_rank: int =
     The teacher is a Hugging Face causal LM, or a vpmoe checkpoint object / export (e.g. an earlier student)."""
     path = Path(teacher.path)
     check_vocabulary(path)
-    if is_vpmoe_checkpoint(read_config(path)):
+    if is_vpmoe_config(read_config(path)):
         return _load_vpmoe(path, teacher, score, local_rank)
     try:
         from transformers import AutoModelForCausalLM

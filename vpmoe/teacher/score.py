@@ -12,6 +12,7 @@ function of the shard and the config alone, so a resumed run writes the same byt
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import json
 import os
 import shutil
@@ -23,20 +24,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vpmoe import config, provenance
-from vpmoe.data.harmony import SPAN_NAMES
+from vpmoe import config, distributed, provenance
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
 from vpmoe.data.loader import SplitReader, read_manifest
 from vpmoe.errors import UserError
-from vpmoe.teacher import distributed, load
+from vpmoe.spans import NAMES as SPAN_NAMES
+from vpmoe.teacher import load
 from vpmoe.teacher.config import ScoreConfig, value_identity
 from vpmoe.teacher.documents import Batch, Documents, make_batches, split_documents
 from vpmoe.teacher.sidecar import (
-    DIRNAME, FILES, SCHEMA_VERSION, provenance_sha256, sidecar_dir, supervised_counts,
+    DIRNAME,
+    FILES,
+    SCHEMA_VERSION,
+    provenance_sha256,
+    sidecar_dir,
+    supervised_counts,
 )
 from vpmoe.teacher.topk import score_positions
 
 PARTIAL = "teacher.partial"
+# Ranks only meet at barriers (each scores its own shards and writes its own files), possibly hours apart: the
+# process group is gloo on the CPU even on GPU nodes, with a long timeout.
+BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def score_from_config(path: str, overrides: list[str]) -> Path:
 
 def score(cfg: ScoreConfig, config_hash: str) -> dict | None:
     """Score the configured splits; returns the manifest's teacher section on rank 0 (None on other ranks)."""
-    ranks = distributed.init()
+    ranks = distributed.init("cpu", backend="gloo", timeout=BARRIER_TIMEOUT)
     try:
         return _score(cfg, config_hash, ranks)
     finally:

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vpmoe.data.indexed import IndexedReader
 from vpmoe.data.loader import SplitReader, read_manifest
 from vpmoe.errors import UserError
+from vpmoe.provenance import file_sha256
 
 SCHEMA_VERSION = 1
 DIRNAME = "teacher"
@@ -119,8 +121,6 @@ class TeacherSidecar:
         if int(counts.sum()) != self.section["splits"][self.split]["supervised"]:
             raise UserError(f"{where}: supervised total differs from the manifest's teacher section")
         if deep:
-            from vpmoe.provenance import file_sha256
-
             for name, digest in self.section["splits"][self.split]["dataset_files"].items():
                 if file_sha256(self.dataset / self.split / name) != digest:
                     raise UserError(f"{self.dataset / self.split / name} changed since it was scored; score again")
@@ -140,18 +140,24 @@ class TeacherSidecar:
         )
 
 
-def batch_rows(sidecar: TeacherSidecar, sample_index, device) -> dict:
-    """The sidecar entries of a batch of samples as tensors, in the row-major order of the batch's supervised
-    positions (the loader's `label_spans > 0`): topk_ids [N, K] int32, topk_logprobs [N, K] and
-    target_logprob [N] float32."""
-    import torch
+@dataclass
+class TeacherRows:
+    """The sidecar entries of a micro-batch, in the row-major order of its supervised positions (`label_spans > 0`)."""
 
+    topk_ids: torch.Tensor  # [N, K] int32
+    topk_logprobs: torch.Tensor  # [N, K] float32
+    target_logprob: torch.Tensor  # [N] float32
+
+    def to(self, device) -> "TeacherRows":
+        return TeacherRows(self.topk_ids.to(device), self.topk_logprobs.to(device), self.target_logprob.to(device))
+
+
+def batch_rows(sidecar: TeacherSidecar, sample_index, device) -> TeacherRows:
+    """The sidecar entries of a batch of samples (by sample number) as tensors on `device`."""
     parts = [sidecar.sample(int(i)) for i in sample_index]
+
     def stack(name, dtype):
         return torch.from_numpy(np.concatenate([getattr(p, name) for p in parts]).astype(dtype)).to(device)
 
-    return {
-        "topk_ids": stack("topk_ids", np.int32),
-        "topk_logprobs": stack("topk_logprobs", np.float32),
-        "target_logprob": stack("target_logprob", np.float32),
-    }
+    return TeacherRows(stack("topk_ids", np.int32), stack("topk_logprobs", np.float32),
+                       stack("target_logprob", np.float32))

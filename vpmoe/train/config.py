@@ -25,14 +25,18 @@ class ModelRef:
 @dataclass
 class DataRef:
     path: str  # a dataset directory built by `vpmoe data build`
-    seq_len: int = 2048
+    # Rows of at most this many tokens. The dataset's manifest owns its sequence length: leave this out to use it;
+    # a smaller value is allowed when every sample fits (checked at start), a larger one is an error.
+    seq_len: int | None = None
     micro_batch_size: int = 1
     grad_accum: int = 1  # global batch = micro_batch_size * grad_accum * data-parallel ranks
 
     def validate(self) -> None:
-        for key in ("seq_len", "micro_batch_size", "grad_accum"):
+        for key in ("micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be at least 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError("data.seq_len must be at least 1")
 
 
 @dataclass
@@ -41,7 +45,9 @@ class TrainSection:
     stage: Literal["ce", "kd_offline"] = "ce"  # kd_online and opd plug in here later
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    kernels: Literal["reference", "fast"] = "reference"  # fast: FlexAttention + grouped GEMM (CUDA, bf16)
+    # fast: FlexAttention + grouped GEMM (CUDA, bf16); reference: plain math, any device; naive: reference attention
+    # and a Python loop over experts (the benchmarks' baseline)
+    kernels: Literal["reference", "fast", "naive"] = "reference"
     # torch.compile each transformer block (CUDA; a minute or two of compiling at start): "on", or "cudagraphs" to
     # also replay each block as CUDA graphs (removes kernel-launch overhead; one process per GPU, no checkpointing)
     compile: Literal["off", "on", "cudagraphs"] = "off"

@@ -13,17 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NUM_SPANS = 3  # 0 none, 1 reasoning, 2 final
+from vpmoe.spans import COUNT as SPAN_COUNT
 
 
 def span_counts(label_spans: torch.Tensor) -> torch.Tensor:
-    """Supervised tokens per span class, [NUM_SPANS] int64 (index 0 counts unsupervised positions)."""
-    return torch.bincount(label_spans.flatten(), minlength=NUM_SPANS)
+    """Supervised tokens per span class, [SPAN_COUNT] int64 (index 0 counts unsupervised positions)."""
+    return torch.bincount(label_spans.flatten(), minlength=SPAN_COUNT)
 
 
 def span_sums(values: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
-    """Sum of per-token values per span class, [NUM_SPANS]."""
-    out = torch.zeros(NUM_SPANS, dtype=values.dtype, device=values.device)
+    """Sum of per-token values per span class, [SPAN_COUNT]."""
+    out = torch.zeros(SPAN_COUNT, dtype=values.dtype, device=values.device)
     return out.index_add(0, spans, values)
 
 

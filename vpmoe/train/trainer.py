@@ -1,10 +1,12 @@
-"""`vpmoe train CONFIG`: one training stage (ce or kd_offline) in one loop, single process or torchrun + FSDP2.
+"""`vpmoe train CONFIG`: one training stage, single process or torchrun + FSDP2.
 
-Each optimizer step takes `grad_accum` micro-batches per rank. Their span token counts are summed over the
-whole global batch before the first forward, so every micro-batch's loss is already normalized by the global
-counts (see vpmoe.train.losses) and gradients add up to the global-batch gradient exactly. FSDP2 averages
-gradients over ranks, so the span terms are multiplied by the world size; the MoE aux loss (a per-sequence
-mean) is divided by the number of micro-batches and left to FSDP's average.
+The Trainer is the loop; the stage is an objective (vpmoe.train.objectives) that the loop knows only through its
+interface. One optimizer step (`Trainer.step`) takes `grad_accum` micro-batches per rank from the objective, sums
+their span token counts over the whole global batch before the first forward, runs forward and backward per
+micro-batch (each loss already normalized by the global counts, so the gradients add up to the global-batch
+gradient exactly), clips, steps the optimizer and the schedule, and updates the experts' balancing bias from the
+global routing counts. `Trainer.run` repeats that with metrics, health checks and checkpoints, resuming from the
+run directory. Tools (profile, autotune, benchmarks) build a Trainer on their own data and call `step()`.
 """
 
 from __future__ import annotations
@@ -23,22 +25,23 @@ import torch
 from tqdm import tqdm
 
 from vpmoe import config as config_io
-from vpmoe import provenance
-from vpmoe.data.loader import Batch, Loader, read_manifest
+from vpmoe import distributed, provenance
+from vpmoe.artifacts import checkpoints
+from vpmoe.artifacts.files import write_text
+from vpmoe.artifacts.models import model_config, read_provenance
+from vpmoe.data.loader import Loader, read_manifest
+from vpmoe.distributed import Ranks, all_reduce_sum
 from vpmoe.errors import RunError, UserError
-from vpmoe.model import Kernels, build_model, load_config, load_model_config, load_weights
-from vpmoe.model.config import ModelConfig, model_config_to_dict
-from vpmoe.model.naming import freeze_group
+from vpmoe.model.config import ModelConfig, load_model_config, model_config_to_dict
 from vpmoe.optim import build_optimizer, build_scheduler
-from vpmoe.teacher.sidecar import TeacherSidecar, batch_rows
-from vpmoe.train import checkpoint, health, losses
-from vpmoe.train.config import TrainConfig, TrainSection, load_train_config
-from vpmoe.train.distributed import Dist, all_reduce_sum, setup, shard_model
+from vpmoe.spans import SUPERVISED
+from vpmoe.train import health, losses
+from vpmoe.train.config import TrainConfig, load_train_config
 from vpmoe.train.flops import peak_flops, train_flops_per_token
 from vpmoe.train.metrics import MetricsSink
+from vpmoe.train.objectives import build_objective
+from vpmoe.train.parallelize import autocast_dtype, build_student
 from vpmoe.train.timing import PhaseTimer
-
-SPANS = {1: "reasoning", 2: "final"}
 
 
 def train_from_config(path: str, overrides: list[str]) -> Path:
@@ -46,229 +49,167 @@ def train_from_config(path: str, overrides: list[str]) -> Path:
 
 
 def train(cfg: TrainConfig) -> Path:
-    d = setup(cfg.train.device)
+    """Run the stage of `cfg` to its last step (resuming from its run directory); returns the run directory."""
+    ranks = distributed.init(cfg.train.device)
     try:
-        return Trainer(cfg, d).run()
+        return Trainer.from_config(cfg, ranks).run()
     finally:
-        from vpmoe.train.distributed import finish
-
-        finish(d)
-
-
-def apply_freeze(model: torch.nn.Module, groups: list[str]) -> list[str]:
-    """Freeze every parameter of the named groups; a group that matches nothing is an error."""
-    frozen, hit = [], set()
-    for name, param in model.named_parameters():
-        group = freeze_group(name)
-        if group in groups:
-            param.requires_grad_(False)
-            frozen.append(name)
-            hit.add(group)
-    missing = [g for g in groups if g not in hit]
-    if missing:
-        raise UserError(f"train.freeze: group {missing[0]!r} matches no parameter of this model")
-    return frozen
-
-
-def build_training_model(model_cfg: ModelConfig, train: TrainSection, device: torch.device, init_from: str = ""):
-    """The model as a training stage runs it (before FSDP): kernels, initial weights, frozen groups, activation
-    checkpointing and compiled blocks. Returns (model, names of frozen parameters)."""
-    kernels = Kernels.fast() if train.kernels == "fast" else Kernels()
-    model = build_model(model_cfg, device=device, kernels=kernels)
-    if init_from:
-        load_weights(model, init_from)
-    frozen = apply_freeze(model, train.freeze)
-    model.activation_checkpointing = train.activation_checkpointing
-    if train.compile == "cudagraphs" and device.type != "cuda":
-        raise UserError(f"train.compile = \"cudagraphs\" needs CUDA, the model runs on {device.type}; "
-                        "use compile = \"off\"")
-    if train.compile != "off":
-        model.compile_blocks(cuda_graphs=train.compile == "cudagraphs")
-    return model, frozen
+        distributed.finish(ranks)
 
 
 @dataclass
-class StepStats:
-    """Sums over the micro-batches of one or more steps (divided by span counts when logged)."""
+class Window:
+    """Sums over the optimizer steps since the metrics were last read."""
 
-    terms: dict[str, float] = field(default_factory=dict)
-    span_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    span_counts: torch.Tensor | None = None
-    routing: torch.Tensor | None = None
-    tokens: int = 0
+    terms: dict[str, float] = field(default_factory=dict)  # loss terms, mean over ranks
+    span_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token values per span, this rank
+    span_counts: torch.Tensor | None = None  # global span token counts
+    routing: torch.Tensor | None = None  # global tokens per expert [n_moe_layers, E]
+    grad_norm: float = 0.0
+    tokens: int = 0  # global tokens (all rows, padding included)
     steps: int = 0
+
+    def add(self, terms: dict[str, float], span_sums: dict, counts, routing, grad_norm: float, tokens: int) -> None:
+        for key, value in terms.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+        for key, value in span_sums.items():
+            self.span_sums[key] = self.span_sums.get(key, 0) + value
+        self.span_counts = counts if self.span_counts is None else self.span_counts + counts
+        if routing is not None:
+            self.routing = routing if self.routing is None else self.routing + routing
+        self.grad_norm += grad_norm
+        self.tokens += tokens
+        self.steps += 1
+
+
+@dataclass
+class StepSums:
+    """Sums over the micro-batches of one optimizer step (this rank), detached."""
+
+    counts: torch.Tensor  # global span token counts of the step
+    tokens: int  # this rank's tokens (all rows, padding included)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    span_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: torch.Tensor | None = None
+
+    def add(self, terms: dict[str, torch.Tensor], span_sums: dict[str, torch.Tensor], routing) -> None:
+        for key, value in terms.items():
+            self.terms[key] = self.terms.get(key, 0) + value.detach()
+        for key, value in span_sums.items():
+            self.span_sums[key] = self.span_sums.get(key, 0) + value.detach()
+        if routing is not None:
+            self.routing = routing if self.routing is None else self.routing + routing
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: dict[str, float]
+    grad_norm: float
 
 
 class Trainer:
-    """`batches` replaces the dataset loader (benchmarks and autotuning feed synthetic batches, stage ce only);
-    `model_overrides` (SECTION.KEY=VALUE) change the model config, e.g. its depth for a benchmark."""
+    """The training loop around one objective. `data` yields `vpmoe.data.loader.Batch`es (the dataset's loader,
+    or synthetic batches for performance tools) and has `state_dict`/`load_state_dict` and `epoch`."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, batches=None, model_overrides: list[str] | None = None):
-        self.cfg, self.d = cfg, d
+    def __init__(self, cfg: TrainConfig, ranks: Ranks, data, model_cfg: ModelConfig, seq_len: int,
+                 manifest: dict | None = None):
+        self.cfg, self.ranks, self.data, self.model_cfg = cfg, ranks, data, model_cfg
+        self.seq_len, self.manifest = seq_len, manifest or {}
         self.run_dir = Path(cfg.run.dir)
-        self.stage = cfg.train.stage
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
 
-        self.model_cfg = load_model_config(cfg.model.config, model_overrides)
-        if cfg.model.init_from:
-            source = load_config(cfg.model.init_from)
-            if source != self.model_cfg:
-                raise UserError(f"model.init_from {cfg.model.init_from} holds a {source.model.name} model, which "
-                                f"differs from model.config {cfg.model.config}")
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
-        if self.bf16 and d.device.type != "cuda":
-            raise UserError("train.precision = \"bf16\" is for CUDA; use \"fp32\" or \"auto\" on the CPU")
+        self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from)
+        self.autocast = autocast_dtype(cfg.train, ranks.device)
+        self.objective = build_objective(cfg, ranks)
+        self.update_bias = model_cfg.moe.enabled and "router" not in cfg.train.freeze
         # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads)
         self.graph_safe_grads = cfg.train.compile == "cudagraphs"
-        if self.graph_safe_grads and d.distributed:
-            raise UserError("train.compile = \"cudagraphs\" runs on one GPU only (FSDP manages gradients itself); "
-                            "with several ranks use compile = \"on\"")
-        self.model, self.frozen = build_training_model(self.model_cfg, cfg.train, d.device, cfg.model.init_from)
-        self.update_bias = self.model_cfg.moe.enabled and "router" not in cfg.train.freeze
-        if d.distributed:
-            shard_model(self.model, d)
         self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim)
         try:
             self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         except ValueError as e:
             raise UserError(f"{e} (optim.warmup_steps, optim.decay_steps, train.steps)") from None
-        if d.is_main:
+        if ranks.is_main:
             print(table)
+        self.global_step = 0
+        self.window = Window()
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
+        self.peak = peak_flops(ranks.device)
+        self.timer = PhaseTimer(ranks.device)
+        self.window_start = time.perf_counter()
 
-        if batches is None:
-            self.manifest = read_manifest(cfg.data.path)
-            self.loader = Loader(cfg.data.path, "train", cfg.data.seq_len, cfg.data.micro_batch_size, cfg.run.seed,
-                                 rank=d.rank, world_size=d.world_size)
-        elif self.stage != "ce":
-            raise UserError(f"synthetic batches carry no teacher: they run stage \"ce\", not {self.stage!r}")
-        else:
-            self.manifest, self.loader = {}, batches
-        self.teacher = None
-        if self.stage == "kd_offline":
-            self.teacher = TeacherSidecar(cfg.data.path, "train")
-        self.span_weights = torch.tensor([0.0, *cfg.loss.span_weights], device=d.device)
-        self.step = 0
-        self.confidence_mean: float | None = None
-        self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.data.seq_len)
-        self.peak = peak_flops(d.device)
-        self.timer = PhaseTimer(d.device)
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ranks: Ranks) -> Trainer:
+        """The trainer of a config: its model config and its dataset's train split."""
+        model_cfg = load_model_config(cfg.model.config)
+        if cfg.model.init_from:
+            source = model_config(cfg.model.init_from)
+            if source != model_cfg:
+                raise UserError(f"model.init_from {cfg.model.init_from} holds a {source.model.name} model, which "
+                                f"differs from model.config {cfg.model.config}")
+        manifest = read_manifest(cfg.data.path)
+        seq_len = dataset_seq_len(cfg, manifest)
+        loader = Loader(cfg.data.path, "train", seq_len, cfg.data.micro_batch_size, cfg.run.seed,
+                        rank=ranks.rank, world_size=ranks.world_size)
+        longest = int(loader.reader.tokens.lengths.max())
+        if longest > seq_len:
+            raise UserError(f"data.seq_len = {seq_len} but {cfg.data.path} holds samples of {longest} tokens; "
+                            f"leave data.seq_len out to use the dataset's ({manifest['seq_len']})")
+        return cls(cfg, ranks, loader, model_cfg, seq_len, manifest)
 
-    # ---- state -------------------------------------------------------------------------------------------------
+    # ---- one optimizer step ------------------------------------------------------------------------------------
 
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-            "confidence_mean": self.confidence_mean,
-        }
-
-    def resume(self) -> bool:
-        path = checkpoint.latest(self.run_dir)
-        if path is None:
-            return False
-        state = checkpoint.load(path, self.model, self.optimizer, self.d)
-        self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        self.confidence_mean = state["confidence_mean"]
-        if self.d.is_main:
-            print(f"resumed from {path} (step {self.step})")
-        return True
-
-    def save(self) -> Path:
-        files = {
-            "config.toml": config_io.dumps_toml(self.cfg), "provenance.json": self.provenance_text,
-            "model_config.json": json.dumps(model_config_to_dict(self.model_cfg), indent=2, sort_keys=True) + "\n",
-        }
-        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(), self.d,
-                               files, self.cfg.checkpoint.keep)
-
-    # ---- the loop ----------------------------------------------------------------------------------------------
-
-    def run(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.provenance_text = json.dumps(self.provenance(), indent=2) + "\n"
-        self.resume()
-        if self.d.is_main:
-            provenance.atomic_write_text(self.run_dir / "config.toml", config_io.dumps_toml(self.cfg))
-            provenance.atomic_write_text(self.run_dir / "provenance.json", self.provenance_text)
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        sink = MetricsSink(self.run_dir, self.cfg.logging, self.run_dir.name, config_io.to_dict(self.cfg)) \
-            if self.d.is_main else None
-        bar = tqdm(total=self.cfg.train.steps, initial=self.step, desc=f"train {self.stage}", unit="step",
-                   disable=not self.d.is_main or None)
-        stats, start = StepStats(), time.perf_counter()
-        try:
-            while self.step < self.cfg.train.steps:
-                self.train_step(stats)
-                self.step += 1
-                bar.update(1)
-                last = self.step == self.cfg.train.steps
-                if self.step % self.cfg.train.log_every == 0 or last:
-                    record = self.log_record(stats, time.perf_counter() - start)
-                    if sink is not None:
-                        sink.log(self.step, record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    self.check_health(record)
-                    stats, start = StepStats(), time.perf_counter()
-                if self.step % self.cfg.checkpoint.every == 0 or last:
-                    self.save()
-        finally:
-            bar.close()
-            if sink is not None:
-                sink.close()
-        final = checkpoint.latest(self.run_dir)
-        if self.d.is_main:
-            print(f"wrote {self.run_dir}: {self.step} steps, last checkpoint {final}")
-        return self.run_dir
-
-    def train_step(self, stats: StepStats) -> None:
-        cfg, d = self.cfg, self.d
-        batches = [next(self.loader).to(d.device) for _ in range(cfg.data.grad_accum)]
-        counts = all_reduce_sum(sum(losses.span_counts(b.label_spans) for b in batches), d)
-        teachers = [None] * len(batches)
-        if self.teacher is not None:
-            teachers = [batch_rows(self.teacher, b.sample_index.tolist(), d.device) for b in batches]
-        if cfg.loss.confidence_ce > 0:
-            self.update_confidence_mean(teachers)
-
-        if self.graph_safe_grads:
-            self.allocate_grads()
-        routing = None
-        step_terms: dict[str, torch.Tensor] = {}
-        for batch, teacher in zip(batches, teachers):
-            with self.timer.phase("forward"):
-                loss, terms, sums, batch_routing = self.micro_step(batch, teacher, counts)
-            with self.timer.phase("backward"):
-                loss.backward()
-            for key, value in terms.items():
-                step_terms[key] = step_terms.get(key, 0) + value.detach()
-            for key, value in sums.items():
-                stats.span_sums[key] = stats.span_sums.get(key, 0) + value.detach()
-            if batch_routing is not None:
-                routing = batch_routing if routing is None else routing + batch_routing
-
+    def step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches per rank (collective under torchrun)."""
+        ranks = self.ranks
+        sums = self.forward_backward()
         with self.timer.phase("optimizer"):
             grad_norm = self.clip_gradients()
-            terms_now = {k: all_reduce_sum(v.clone(), d) for k, v in step_terms.items()}
-            if not all(math.isfinite(v.item()) for v in terms_now.values()) or not math.isfinite(grad_norm):
-                self.fail_non_finite(terms_now, grad_norm)
+            terms = {k: all_reduce_sum(v.clone(), ranks) for k, v in sums.terms.items()}
+            if not all(math.isfinite(v.item()) for v in terms.values()) or not math.isfinite(grad_norm):
+                self.fail_non_finite(terms, grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=not self.graph_safe_grads)
-            if routing is not None:
-                routing = all_reduce_sum(routing, d)
-                if self.update_bias:
-                    self.model.update_expert_bias(routing)
-                stats.routing = routing if stats.routing is None else stats.routing + routing
+            routing = all_reduce_sum(sums.routing, ranks) if sums.routing is not None else None
+            if routing is not None and self.update_bias:
+                self.model.update_expert_bias(routing)
+        self.global_step += 1
+        values = {k: v.item() for k, v in terms.items()}
+        self.window.add(values, sums.span_sums, sums.counts, routing, grad_norm, sums.tokens * ranks.world_size)
+        return StepResult(sum(values.values()), values, grad_norm)
 
-        for key, value in terms_now.items():
-            stats.terms[key] = stats.terms.get(key, 0.0) + value.item()
-        stats.terms["grad_norm"] = stats.terms.get("grad_norm", 0.0) + grad_norm
-        stats.span_counts = counts if stats.span_counts is None else stats.span_counts + counts
-        stats.tokens += int(sum(b.input_ids.numel() for b in batches)) * d.world_size
-        stats.steps += 1
+    def forward_backward(self) -> StepSums:
+        """The gradients of one step's micro-batches (no optimizer step); returns their sums for the step."""
+        batches = self.objective.batches(self.data, self.cfg.data.grad_accum)
+        counts = all_reduce_sum(sum(losses.span_counts(b.rows.label_spans) for b in batches), self.ranks)
+        if self.graph_safe_grads:
+            self.allocate_grads()
+        sums = StepSums(counts=counts, tokens=sum(b.rows.input_ids.numel() for b in batches))
+        for batch in batches:
+            with self.timer.phase("forward"):
+                loss = self.micro_step(batch, counts, sums)
+            with self.timer.phase("backward"):
+                loss.backward()
+        return sums
+
+    def micro_step(self, batch, counts: torch.Tensor, sums: StepSums) -> torch.Tensor:
+        """Forward of one micro-batch; returns the tensor to backpropagate and adds its terms to `sums`."""
+        autocast = torch.autocast(self.ranks.device.type, dtype=self.autocast) if self.autocast else \
+            contextlib.nullcontext()
+        with autocast:
+            out = self.objective.loss(self.model, batch, counts)
+        terms = dict(out.terms)
+        loss = self.ranks.world_size * out.loss
+        if out.aux_loss is not None:
+            aux = self.model_cfg.moe.aux_loss_coeff * out.aux_loss / self.cfg.data.grad_accum
+            terms["aux"] = aux / self.ranks.world_size  # logged as the mean over ranks after the sum-reduce
+            loss = loss + aux
+        sums.add(terms, out.span_sums, out.routing)
+        return loss
 
     def allocate_grads(self) -> None:
         """Zero gradients for every trainable parameter that has none, so that backward accumulates into them
@@ -276,46 +217,6 @@ class Trainer:
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-
-    def micro_step(self, batch: Batch, teacher: dict | None, counts: torch.Tensor):
-        cfg = self.cfg
-        mask = batch.label_spans > 0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with autocast:
-            out = self.model(batch.input_ids, batch.position_ids, batch.doc_ids, logits_at=mask)
-        logits = out.logits
-        targets = batch.labels[mask]
-        spans = batch.label_spans[mask]
-        ce = losses.cross_entropy(logits, targets)
-        terms: dict[str, torch.Tensor] = {}
-        sums = {"ce": losses.span_sums(ce.detach(), spans)}
-        if cfg.loss.ce > 0:
-            terms["ce"] = cfg.loss.ce * losses.span_normalized(ce, spans, counts, self.span_weights)
-        if teacher is not None and cfg.loss.kd > 0:
-            kd = losses.topk_kl(logits, teacher["topk_ids"], teacher["topk_logprobs"], cfg.loss.temperature)
-            terms["kd"] = cfg.loss.kd * losses.span_normalized(kd, spans, counts, self.span_weights)
-            sums["kd"] = losses.span_sums(kd.detach(), spans)
-        if teacher is not None and cfg.loss.confidence_ce > 0:
-            weights = losses.confidence_weights(teacher["target_logprob"], self.confidence_mean,
-                                                cfg.loss.temperature)
-            terms["confidence_ce"] = cfg.loss.confidence_ce * losses.span_normalized(
-                weights * ce, spans, counts, self.span_weights)
-        loss = self.d.world_size * sum(terms.values())
-        if out.aux_loss is not None:
-            aux = self.model_cfg.moe.aux_loss_coeff * out.aux_loss / cfg.data.grad_accum
-            terms["aux"] = aux / self.d.world_size  # logged as the mean over ranks after the sum-reduce
-            loss = loss + aux
-        return loss, terms, sums, out.routing_counts
-
-    def update_confidence_mean(self, teachers: list[dict]) -> None:
-        """EMA of the global batch's mean teacher log-prob of the actual tokens (exact across resume)."""
-        total = torch.stack([sum(t["target_logprob"].sum() for t in teachers),
-                             torch.tensor(float(sum(len(t["target_logprob"]) for t in teachers)),
-                                          device=self.d.device)]).double()
-        total = all_reduce_sum(total, self.d)
-        batch_mean = (total[0] / total[1].clamp(min=1)).item()
-        m = self.cfg.loss.confidence_momentum
-        self.confidence_mean = batch_mean if self.confidence_mean is None else m * self.confidence_mean + (1 - m) * batch_mean
 
     def clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -330,81 +231,159 @@ class Trainer:
                       if p.grad is not None and not torch.isfinite(p.grad).all()})
         shown = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
         raise RunError(
-            f"non-finite loss or gradient at step {self.step + 1}: {shown}, grad_norm={grad_norm:.4g}; "
+            f"non-finite loss or gradient at step {self.global_step + 1}: {shown}, grad_norm={grad_norm:.4g}; "
             f"modules with non-finite gradients: {bad[:10] or 'none'}. Resume from the last checkpoint with a "
             f"lower learning rate (optim.lr_matrix / optim.lr_adam) or stricter train.grad_clip."
         )
 
-    # ---- observability ---------------------------------------------------------------------------------------
+    # ---- metrics and health --------------------------------------------------------------------------------------
 
-    def log_record(self, stats: StepStats, seconds: float) -> dict:
-        n = max(stats.steps, 1)
-        terms = {k: v / n for k, v in stats.terms.items() if k != "grad_norm"}
-        counts = stats.span_counts  # already summed over the global batch
+    def take_window(self) -> tuple[Window, float]:
+        """The sums of the steps since the last call and the seconds they took; a fresh window starts."""
+        window, seconds = self.window, time.perf_counter() - self.window_start
+        self.window, self.window_start = Window(), time.perf_counter()
+        return window, seconds
+
+    def metrics(self, w: Window, seconds: float) -> dict:
+        """The metrics record of a window of steps (collective: every rank calls it)."""
+        n = max(w.steps, 1)
+        terms = {k: v / n for k, v in w.terms.items()}
         spans = {}
-        for index, name in SPANS.items():
-            entry = {"tokens": int(counts[index].item())}
-            for key, value in stats.span_sums.items():
-                total = all_reduce_sum(value.clone(), self.d)[index].item()
-                entry[key] = total / max(counts[index].item(), 1)
+        for index, name in SUPERVISED.items():
+            tokens = int(w.span_counts[index].item()) if w.span_counts is not None else 0
+            entry = {"tokens": tokens}
+            for key, value in w.span_sums.items():
+                entry[key] = all_reduce_sum(value.clone(), self.ranks)[index].item() / max(tokens, 1)
             spans[name] = entry
         lrs = {}
         for group in self.optimizer.param_groups:
             lrs.setdefault(group.get("family", "group"), group["lr"])
         record = {
-            "loss": sum(terms.values()),
-            "terms": terms,
-            "spans": spans,
-            "lr": lrs,
-            "grad_norm": stats.terms.get("grad_norm", 0.0) / n,
-            "tokens_per_s": stats.tokens / max(seconds, 1e-9),
+            "loss": sum(terms.values()), "terms": terms, "spans": spans, "lr": lrs, "grad_norm": w.grad_norm / n,
+            "tokens_per_s": w.tokens / max(seconds, 1e-9),
             "step_ms": {phase: ms / n for phase, ms in self.timer.read().items()},
-            "epoch": self.loader.epoch,
+            "epoch": self.data.epoch,
+            **self.objective.metrics(),
         }
         if self.peak is not None:
-            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * self.d.world_size)
-        if self.d.device.type == "cuda":
-            record["memory_gib"] = torch.cuda.max_memory_allocated(self.d.device) / 2**30
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * self.ranks.world_size)
+        if self.ranks.device.type == "cuda":
+            record["memory_gib"] = torch.cuda.max_memory_allocated(self.ranks.device) / 2**30
         else:
             record["memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if stats.routing is not None:
-            per_layer = health.layer_health(stats.routing, self.model.expert_biases())
+        if w.routing is not None:
+            per_layer = health.layer_health(w.routing, self.model.expert_biases())
             record["router"] = health.aggregate(per_layer)
-            record["router_layers"] = {
-                f"layer_{layer}": {k: v[i].item() for k, v in per_layer.items()}
-                for i, layer in enumerate(self.model_cfg.moe_layers)
-            }
-            self._per_layer = per_layer
-            self._routed_tokens = int(stats.routing[0].sum().item()) // max(self.model_cfg.moe.topk, 1)
+            record["router_layers"] = {f"layer_{layer}": {k: v[i].item() for k, v in per_layer.items()}
+                                       for i, layer in enumerate(self.model_cfg.moe_layers)}
         return record
 
-    def check_health(self, record: dict) -> None:
-        if "router" not in record or not self.cfg.health.collapse_check:
-            return
-        if self._routed_tokens < self.cfg.health.collapse_min_tokens:
+    def check_health(self, window: Window) -> None:
+        """Stop the run when a MoE layer's routing collapsed over the window (RunError, exit 1)."""
+        if window.routing is None or not self.cfg.health.collapse_check:
             return
         moe = self.model_cfg.moe
-        bad = health.collapsed_layers(self._per_layer, moe.n_experts, moe.topk)
+        if int(window.routing[0].sum().item()) // max(moe.topk, 1) < self.cfg.health.collapse_min_tokens:
+            return
+        per_layer = health.layer_health(window.routing, self.model.expert_biases())
+        bad = health.collapsed_layers(per_layer, moe.n_experts, moe.topk)
         if bad:
             layers = [self.model_cfg.moe_layers[i] for i in bad]
             raise RunError(
-                f"router collapse at step {self.step}: MoE layer(s) {layers} route almost every token to "
-                f"{moe.topk} experts (CV {self._per_layer['cv_pct'][bad[0]].item():.0f}%). Resume from an earlier "
+                f"router collapse at step {self.global_step}: MoE layer(s) {layers} route almost every token to "
+                f"{moe.topk} experts (CV {per_layer['cv_pct'][bad[0]].item():.0f}%). Resume from an earlier "
                 f"checkpoint with a lower optim.lr_adam (the router's LR), a higher moe.bias_update_rate, or "
                 f"symmetry-breaking noise in the upcycled experts; health.collapse_check = false overrides this."
             )
 
-    def provenance(self) -> dict:
-        data_provenance = self.manifest.get("provenance", {})
-        parents = [{"dataset": provenance.portable_name(self.cfg.data.path), **data_provenance}]
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything but the model and optimizer that a resume needs (per rank)."""
+        return {"step": self.global_step, "scheduler": self.scheduler.state_dict(), "loader": self.data.state_dict(),
+                "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["loader"])
+        self.objective.load_state_dict(state["objective"])
+
+    def resume(self) -> Path | None:
+        """Load the run directory's latest complete checkpoint, if any."""
+        path = checkpoints.latest(self.run_dir)
+        if path is not None:
+            self.load_state_dict(checkpoints.load(path, self.model, self.optimizer, self.ranks))
+        return path
+
+    def save(self) -> Path:
+        files = {"config.toml": config_io.dumps_toml(self.cfg), "provenance.json": self.provenance_text(),
+                 checkpoints.MODEL_CONFIG: json.dumps(model_config_to_dict(self.model_cfg), indent=2,
+                                                      sort_keys=True) + "\n"}
+        return checkpoints.save(self.run_dir, self.global_step, self.model, self.optimizer, self.state_dict(),
+                                self.ranks, files, self.cfg.checkpoint.keep)
+
+    def provenance_text(self) -> str:
+        parents = [{"dataset": provenance.portable_name(self.cfg.data.path), **self.manifest.get("provenance", {})}]
         if self.cfg.model.init_from:
-            init = Path(self.cfg.model.init_from) / "provenance.json"
-            parents.append(json.loads(init.read_text()) if init.is_file() else
-                           {"init_from": provenance.portable_name(self.cfg.model.init_from)})
-        if self.teacher is not None:
-            parents.append({"teacher": self.teacher.section.get("provenance", {})})
-        return provenance.record("run", config_io.config_hash(self.cfg), parents=parents, stage=self.stage,
-                                 world_size=self.d.world_size)
+            init = read_provenance(self.cfg.model.init_from)
+            parents.append(init or {"init_from": provenance.portable_name(self.cfg.model.init_from)})
+        parents += self.objective.provenance()
+        record = provenance.record("run", config_io.config_hash(self.cfg), parents=parents,
+                                   stage=self.cfg.train.stage, world_size=self.ranks.world_size)
+        return json.dumps(record, indent=2) + "\n"
+
+    # ---- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Train to `train.steps`, logging every `train.log_every` and saving every `checkpoint.every` steps."""
+        cfg, ranks = self.cfg, self.ranks
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        if ranks.is_main:
+            if resumed is not None:
+                print(f"resumed from {resumed} (step {self.global_step})")
+            write_text(self.run_dir / "config.toml", config_io.dumps_toml(cfg))
+            write_text(self.run_dir / "provenance.json", self.provenance_text())
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
+        sink = MetricsSink(self.run_dir, cfg.logging, self.run_dir.name, config_io.to_dict(cfg)) \
+            if ranks.is_main else None
+        bar = tqdm(total=cfg.train.steps, initial=self.global_step, desc=f"train {cfg.train.stage}", unit="step",
+                   disable=not ranks.is_main or None)
+        self.take_window()
+        try:
+            while self.global_step < cfg.train.steps:
+                self.step()
+                bar.update(1)
+                last = self.global_step == cfg.train.steps
+                if self.global_step % cfg.train.log_every == 0 or last:
+                    window, seconds = self.take_window()
+                    record = self.metrics(window, seconds)
+                    if sink is not None:
+                        sink.log(self.global_step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    self.check_health(window)
+                if self.global_step % cfg.checkpoint.every == 0 or last:
+                    self.save()
+        finally:
+            bar.close()
+            if sink is not None:
+                sink.close()
+        if ranks.is_main:
+            print(f"wrote {self.run_dir}: {self.global_step} steps, last checkpoint {checkpoints.latest(self.run_dir)}")
+        return self.run_dir
+
+
+def dataset_seq_len(cfg: TrainConfig, manifest: dict) -> int:
+    """The row length of a run: the dataset's own (its manifest owns it), or a smaller one the config asks for."""
+    built = int(manifest["seq_len"])
+    asked = cfg.data.seq_len
+    if asked is None:
+        return built
+    if asked > built:
+        raise UserError(f"data.seq_len = {asked} but {cfg.data.path} was built with seq_len {built}; leave "
+                        f"data.seq_len out (or at most {built}), or build the dataset for {asked}")
+    return asked
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -414,4 +393,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if line and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        provenance.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from vpmoe.data import synthetic
-from vpmoe.data.harmony import SPAN_NAMES, HarmonyRenderer, Reject
+from vpmoe.data.harmony import HarmonyRenderer, Reject
 from vpmoe.errors import UserError
+from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.upcycle.config import CalibrationSection
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [S] -> logits [S, V] (any float dtype)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from vpmoe.errors import UserError
 from vpmoe.model.config import model_config_to_dict
-from vpmoe.model.io import WEIGHTS_FILE, load_config
+from vpmoe.artifacts.models import model_config as load_config
+from vpmoe.artifacts.weights import WEIGHTS_FILE
 from vpmoe.provenance import file_sha256
 from vpmoe.upcycle import hf
 from vpmoe.upcycle.registry import ObjectEntry

@@ -16,7 +16,7 @@ import torch
 
 from vpmoe import config as config_io
 from vpmoe.errors import UserError
-from vpmoe.model.io import load_model, save_model
+from vpmoe.artifacts.models import load_model, save_model
 from vpmoe.provenance import portable_name, record
 from vpmoe.upcycle import drift, hf, objects
 from vpmoe.upcycle.config import UpcycleConfig, load_upcycle_config

@@ -1,12 +1,14 @@
-"""Weight I/O: safetensors + config.json round trip, and shape mismatches named."""
+"""Checkpoint objects on disk (vpmoe.artifacts.models): safetensors + config.json round trip, shape mismatches named."""
 
 import json
 
 import pytest
 import torch
 
+from vpmoe.artifacts.models import load_model, load_weights, save_model
+from vpmoe.artifacts.models import model_config as stored_config
 from vpmoe.errors import UserError
-from vpmoe.model import Transformer, load_config, load_model, load_weights, save_model
+from vpmoe.model import Transformer
 from vpmoe.testing.models import model_config
 
 
@@ -17,7 +19,7 @@ def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
     model.update_expert_bias(torch.randint(0, 20, (len(cfg.moe_layers), cfg.moe.n_experts)))
     save_model(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    assert load_config(tmp_path / "ckpt") == cfg
+    assert stored_config(tmp_path / "ckpt") == cfg
     loaded = load_model(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -46,4 +48,4 @@ def test_bad_config_json_is_a_user_error(tmp_path):
     raw["model"]["surprise"] = 1
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="unknown key 'model.surprise'"):
-        load_config(tmp_path)
+        stored_config(tmp_path)

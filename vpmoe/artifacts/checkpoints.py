@@ -1,9 +1,11 @@
 """Training checkpoints: one DCP directory per step, written under a temporary name and renamed when complete.
 
-    <run>/checkpoints/step_0000100/   model + optimizer (DCP, sharded per rank), trainer_rank<r>.pt (scheduler,
-                                      loader, step, RNG of rank r, ...), config.toml, provenance.json,
+    <run>/checkpoints/step_0000100/   model + optimizer (DCP, sharded per rank, resharded on load to any world size),
+                                      trainer_rank<r>.pt (scheduler, loader, step, objective state, RNG of rank r),
+                                      model_config.json, config.toml, provenance.json,
                                       complete.json (written last, before the rename)
-Only directories named step_NNNNNNN that hold complete.json are ever resumed from.
+Only directories named step_NNNNNNN that hold complete.json are ever resumed from. Saving a step that exists
+replaces it by renaming (the old one is moved aside first), so a crash leaves a complete checkpoint of that step.
 """
 
 from __future__ import annotations
@@ -27,14 +29,28 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vpmoe.train.distributed import Dist, barrier
+from vpmoe.artifacts.files import replace_dir
+from vpmoe.distributed import Ranks, barrier
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 COMPLETE = "complete.json"
+MODEL_CONFIG = "model_config.json"  # the ModelConfig of the checkpoint's model
+ROOT = "checkpoints"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / ROOT
+
+
+def step_of(directory: Path) -> int | None:
+    """The step of a training checkpoint directory, None if the name is not step_NNNNNNN."""
+    match = STEP_DIR.match(directory.name)
+    return int(match.group(1)) if match else None
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return step_of(directory) is not None and (directory / COMPLETE).is_file()
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -42,8 +58,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if is_checkpoint(p)), key=lambda p: p.name)
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -66,54 +81,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(
-    run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, d: Dist, files: dict[str, str], keep: int
-) -> Path:
-    """Write checkpoint `step` (collective: every rank calls it). `files` are small text files for rank 0."""
+def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, ranks: Ranks, files: dict[str, str],
+         keep: int) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). `files` are small text files written by rank 0."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
-    if d.is_main:
-        if tmp.exists():
+    if ranks.is_main:
+        if tmp.exists():  # a save of this step that died before its rename: ours to remove
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    barrier(d)
+    barrier(ranks)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet(d):
+    with _single_process_quiet(ranks):
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{d.rank}.pt")
-    barrier(d)
-    if d.is_main:
+    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{ranks.rank}.pt")
+    barrier(ranks)
+    if ranks.is_main:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": d.world_size}) + "\n")
-        if final.exists():  # a complete checkpoint of this step exists (e.g. re-saved after resume): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": ranks.world_size}) + "\n")
+        replace_dir(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
-    barrier(d)
+    barrier(ranks)
     return final
 
 
-def load(path: Path, model, optimizer, d: Dist) -> dict:
+def load(path: Path, model, optimizer, ranks: Ranks) -> dict:
     """Load model and optimizer (resharding to this world size) and return this rank's trainer state."""
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet(d):
+    with _single_process_quiet(ranks):
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    own = path / f"trainer_rank{d.rank}.pt"
+    own = path / f"trainer_rank{ranks.rank}.pt"
     # With a different world size, ranks without their own file take rank 0's (RNG streams then differ).
     trainer_state = torch.load(own if own.exists() else path / "trainer_rank0.pt", weights_only=False)
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
 
 
+def load_model_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Fill a (non-sharded) model state dict from a training checkpoint, in one process."""
+    with _single_process_quiet(Ranks()):
+        dcp.load({"model": state}, checkpoint_id=str(path))
+
+
 @contextlib.contextmanager
-def _single_process_quiet(d: Dist):
+def _single_process_quiet(ranks: Ranks):
     """DCP warns that it assumes a single process when no process group exists: that is the intent here."""
     with warnings.catch_warnings():
-        if not d.distributed:
+        if not ranks.distributed:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield

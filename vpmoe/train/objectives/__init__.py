@@ -1,0 +1,18 @@
+"""Training stages as objectives (see base.py for the interface); `build_objective` picks one by `train.stage`."""
+
+from __future__ import annotations
+
+from vpmoe.distributed import Ranks
+from vpmoe.train.config import TrainConfig
+from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
+from vpmoe.train.objectives.ce import CrossEntropy
+from vpmoe.train.objectives.kd_offline import OfflineKD
+
+STAGES: dict[str, type[Objective]] = {"ce": CrossEntropy, "kd_offline": OfflineKD}
+
+
+def build_objective(cfg: TrainConfig, ranks: Ranks) -> Objective:
+    return STAGES[cfg.train.stage](cfg, ranks)
+
+
+__all__ = ["STAGES", "LossOutput", "Objective", "TrainBatch", "build_objective"]
