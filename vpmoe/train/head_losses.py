@@ -18,7 +18,9 @@ memory is bounded by the chunk, plus the head weight cast to the compute dtype a
 
 Precision: matmuls run in the compute dtype (autocast's when it is on for the hidden states' device, else the
 hidden states' dtype), the teacher head in its own weight's dtype; everything after the matmul in fp32 (float64
-when the inputs are float64). The head weight's gradient is accumulated over chunks in fp32.
+when the inputs are float64), with each row's log-sum-exp kept in float64 so that log p_S - log p_T is formed as
+(z_S - z_T) - (lse_S - lse_T): a KL near 0 is then accurate to ~1e-7 in fp32. The head weight's gradient is
+accumulated over chunks in fp32.
 The teacher may have another hidden size, dtype and device; no gradient reaches it.
 
 sampled_token_loss(logp_theta, logp_sampler, logp_teacher) is OPD's sampled-token estimator (discount 0);
@@ -233,8 +235,8 @@ def _no_autocast(*tensors) -> ExitStack:
 
 
 def _chunk_logits(hidden, w, t_hidden, t_weight, t_bias, rows, plan: _Plan):
-    """The chunk's student logits (fp32) and, with a teacher, its log_softmax(z_teacher / T) computed on the
-    teacher's device and returned on the student's, in the student's logit dtype."""
+    """The chunk's raw student logits z and, with a teacher, (z_teacher / T, its log-sum-exp in float64),
+    computed on the teacher's device and returned on the student's, z_teacher in the student's logit dtype."""
     z = F.linear(hidden[rows].detach().to(plan.compute_dtype), w).to(plan.logit_dtype)
     if t_hidden is None:
         return z, None
@@ -242,35 +244,43 @@ def _chunk_logits(hidden, w, t_hidden, t_weight, t_bias, rows, plan: _Plan):
     zt = F.linear(t_hidden[rows].detach().to(tw.dtype), tw).to(torch.promote_types(tw.dtype, torch.float32))
     if t_bias is not None:
         zt.add_(t_bias.detach())
-    return z, _log_softmax_(zt.div_(plan.temperature)).to(z.device, z.dtype)
+    zt.div_(plan.temperature)
+    lse_t = _logsumexp64(zt)
+    return z, (zt.to(z.device, z.dtype), lse_t.to(z.device))
 
 
-def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
-    return z.sub_(z.logsumexp(-1, keepdim=True))
+def _logsumexp64(x: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp [C, 1] in float64: the fp32 sum is accurate to ~1e-7 relative, and keeping max + log(sum)
+    unrounded makes differences of log-probabilities (the KLs) accurate to ~1e-7 instead of ulp(log V) ~ 1e-6."""
+    m = x.amax(-1, keepdim=True)
+    return m.double() + (x - m).exp_().sum(-1, keepdim=True).double().log()
 
 
-def _chunk_values(z, lt, targets, plan: _Plan) -> dict[str, torch.Tensor]:
-    """Per-token values of one chunk. Overwrites z (raw student logits) and lt (teacher log-probs at T); the
-    row reductions multiply into a buffer that is dead afterwards, so no product temporaries are made."""
+def _chunk_values(z, teacher, targets, plan: _Plan) -> dict[str, torch.Tensor]:
+    """Per-token values of one chunk. Overwrites z and the teacher's logits; the row reductions multiply into a
+    buffer that is dead afterwards, so no product temporaries are made."""
     out = {}
     lse = None
     if plan.ce:
-        lse = z.logsumexp(-1, keepdim=True)
-        out["ce"] = (lse - z.gather(1, targets[:, None])).squeeze(1)
-    if lt is None:
+        lse = _logsumexp64(z)
+        out["ce"] = (lse - z.gather(1, targets[:, None]).double()).squeeze(1).to(z.dtype)
+    if teacher is None:
         return out
+    zt, lse_t = teacher
     temp = plan.temperature
-    ls = z.sub_(lse) if lse is not None and temp == 1.0 else _log_softmax_(z.div_(temp))
+    if temp != 1.0 or lse is None:
+        lse = _logsumexp64(z.div_(temp))
     if plan.stats:
         if targets is not None:
-            out["teacher_logprob"] = lt.gather(1, targets[:, None]).squeeze(1)
+            out["teacher_logprob"] = (zt.gather(1, targets[:, None]).double() - lse_t).squeeze(1).to(z.dtype)
         if plan.topk:
-            out.update(_topk_stats(ls, lt, plan.topk))
-    pt = lt.exp() if plan.forward_kl else None
-    d = lt.neg_().add_(ls)  # log p_S - log p_T
+            out.update(_topk_stats(z, lse, zt, lse_t, plan.topk))
+    pt = (zt - lse_t.to(zt.dtype)).exp_() if plan.forward_kl else None
+    d = zt.neg_().add_(z).sub_((lse - lse_t).to(z.dtype))  # log p_S - log p_T
     if pt is not None:
         out["forward_kl"] = pt.mul_(d).sum(-1).mul_(-temp * temp)
         del pt
+    ls = z.sub_(lse.to(z.dtype))
     if plan.stats:
         ps = ls.exp()
         out["entropy"] = ls.mul_(ps).sum(-1).neg_()
@@ -281,36 +291,39 @@ def _chunk_values(z, lt, targets, plan: _Plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def _topk_stats(ls: torch.Tensor, lt: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    t_logp, t_ids = lt.topk(k, dim=-1)
-    s_ids = ls.topk(k, dim=-1).indices
+def _topk_stats(z, lse, zt, lse_t, k: int) -> dict[str, torch.Tensor]:
+    """z, zt: student and teacher logits at T; lse, lse_t: their float64 log-sum-exps [C, 1]."""
+    t_val, t_ids = zt.topk(k, dim=-1)
+    s_ids = z.topk(k, dim=-1).indices
     return {
-        "teacher_topk_mass": t_logp.exp().sum(-1),
-        "student_mass_on_teacher_topk": ls.gather(1, t_ids).exp().sum(-1),
-        "topk_overlap": (t_ids[:, :, None] == s_ids[:, None, :]).any(-1).to(ls.dtype).mean(-1),
+        "teacher_topk_mass": (t_val.double() - lse_t).exp().sum(-1).to(z.dtype),
+        "student_mass_on_teacher_topk": (z.gather(1, t_ids).double() - lse).exp().sum(-1).to(z.dtype),
+        "topk_overlap": (t_ids[:, :, None] == s_ids[:, None, :]).any(-1).to(z.dtype).mean(-1),
     }
 
 
-def _grad_logits(z, lt, targets, g_ce, g_fkl, g_rkl, rkl, plan: _Plan) -> torch.Tensor:
-    """d(sum_t g_ce ce + g_fkl fkl + g_rkl rkl)/dz for one chunk, built in the buffers of z and lt.
+def _grad_logits(z, teacher, targets, g_ce, g_fkl, g_rkl, rkl, plan: _Plan) -> torch.Tensor:
+    """d(sum_t g_ce ce + g_fkl fkl + g_rkl rkl)/dz for one chunk, built in the buffers of the logits.
 
     d ce/dz = p1 - onehot(target) (p1: softmax at T = 1); d fkl/dz = T (p_S - p_T);
     d rkl/dz = T p_S (log p_S - log p_T - K) with K = rkl / T^2, the per-token value saved by forward.
     """
     temp = plan.temperature
     dz = None
-    ce_on_ps = g_ce is not None and lt is not None and temp == 1.0  # CE shares p_S when it is at T = 1
+    ce_on_ps = g_ce is not None and teacher is not None and temp == 1.0  # CE shares p_S when it is at T = 1
     if g_ce is not None and not ce_on_ps:
-        p1 = torch.softmax(z, -1) if lt is not None else _log_softmax_(z).exp_()
+        lse1 = _logsumexp64(z).to(z.dtype)
+        p1 = (z - lse1).exp_() if teacher is not None else z.sub_(lse1).exp_()
         dz = p1.mul_(g_ce[:, None]).scatter_add_(1, targets[:, None], -g_ce[:, None])
-    if lt is None:
+    if teacher is None:
         return dz
-    ls = _log_softmax_(z.div_(temp))
+    zt, lse_t = teacher
+    lse = _logsumexp64(z.div_(temp))
     pt = None
-    if g_fkl is not None:  # p_T in lt's own buffer unless the reverse term needs lt too
-        pt = lt.exp() if g_rkl is not None else lt.exp_()
-    d = lt.neg_().add_(ls) if g_rkl is not None else None  # log p_S - log p_T
-    ps = ls.exp_()
+    if g_fkl is not None:  # p_T in the teacher logits' own buffer unless the reverse term needs them too
+        pt = (zt - lse_t.to(zt.dtype)).exp_() if g_rkl is not None else zt.sub_(lse_t.to(zt.dtype)).exp_()
+    d = zt.neg_().add_(z).sub_((lse - lse_t).to(z.dtype)) if g_rkl is not None else None
+    ps = z.sub_(lse.to(z.dtype)).exp_()
     if d is not None:
         term = d.sub_((rkl / temp**2)[:, None]).mul_(ps).mul_((temp * g_rkl)[:, None])
         dz = term if dz is None else dz.add_(term)
@@ -325,6 +338,4 @@ def _grad_logits(z, lt, targets, g_ce, g_fkl, g_rkl, rkl, plan: _Plan) -> torch.
         dz.addcmul_(pt, (-temp * g_fkl)[:, None])
     if ce_on_ps:
         dz.scatter_add_(1, targets[:, None], -g_ce[:, None])
-    if dz is None:  # only a term without gradient was used (cannot happen through compute's outputs)
-        dz = torch.zeros_like(ps)
     return dz
