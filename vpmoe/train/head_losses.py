@@ -1,8 +1,8 @@
 """Losses of the output head, computed in token chunks from final hidden states: never a [tokens x vocab] tensor.
 
-compute(hidden [N, D], weight [V, D], targets=[N], teacher=TeacherHead(...), ce=, forward_kl=, reverse_kl=) -> HeadLosses
-with per-token values [N] for each requested term, so the caller weights them (span-normalized) and the upstream
-gradient is per token. `cross_entropy`, `forward_kl` and `reverse_kl` are the one-term shorthands.
+compute(hidden [N, D], weight [V, D], targets=[N], teacher=TeacherHead(...), ce=, forward_kl=, reverse_kl=)
+-> HeadLosses with per-token values [N] for each requested term, so the caller weights them (span-normalized)
+and the upstream gradient is per token. `cross_entropy`, `forward_kl` and `reverse_kl` are one-term shorthands.
 - ce: -log p_S(target) at temperature 1.
 - forward_kl: T^2 * KL(p_T || p_S) over the whole vocabulary, both at temperature T (online KD).
 - reverse_kl: T^2 * KL(p_S || p_T), gradients through every student logit (exact on-policy distillation).
