@@ -306,3 +306,17 @@ def test_cuda_bf16_autocast_teacher_on_cpu_and_bounded_memory():
     extra = torch.cuda.max_memory_allocated() - base
     head = weight.numel() * (4 + 2 + 4)  # its fp32 gradient, the bf16 cast, one bf16 partial per chunk
     assert extra < head + 6 * chunk * vocab * 4 < n * vocab * 4
+
+
+def test_forward_kl_equals_offline_topk_kl_when_the_sidecar_holds_the_whole_vocabulary():
+    """kd_offline's top-K + tail KL (losses.topk_kl) with K = V - 1 (the tail bucket is the last token) is the
+    full forward KL that kd_online computes. (K = V itself gives inf there: the fp32 top-K mass falls a hair short
+    of 1, so the teacher's tail is > 0 where the student's is exactly 0.)"""
+    from vpmoe.train import losses
+
+    hidden, weight, teacher, _ = problem(n=10, vocab=23, seed=10, bias=False)
+    log_t = torch.log_softmax(teacher.hidden @ teacher.weight.T, -1)
+    topk_logprobs, topk_ids = log_t.topk(22, dim=-1)
+    offline = losses.topk_kl(hidden @ weight.T, topk_ids, topk_logprobs)  # fp32 inside
+    online = hl.forward_kl(hidden, weight, teacher, chunk_size=3)
+    torch.testing.assert_close(online, offline.double().detach(), rtol=1e-5, atol=1e-6)
