@@ -1,6 +1,8 @@
 """Training checkpoints: one DCP directory per step, written under a temporary name and renamed when complete.
 
-    <run>/checkpoints/step_0000100/   model + optimizer (DCP, sharded per rank, resharded on load to any world size),
+    <run>/checkpoints/step_0000100/   model, the stage's own modules ("extra") and the optimizer (DCP, sharded per
+                                      rank, resharded on load to any world size; optimizer state is keyed by
+                                      "model.<name>" / "extra.<name>"),
                                       trainer_rank<r>.pt (scheduler, loader, step, objective state, RNG of rank r),
                                       model_config.json, config.toml, provenance.json,
                                       complete.json (written last, before the rename)
@@ -81,9 +83,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Owner(torch.nn.Module):
+    """The model and the stage's own modules under one root: the optimizer state's names come from it."""
+
+    def __init__(self, model: torch.nn.Module, extra: torch.nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.extra = extra if extra is not None else torch.nn.ModuleDict()
+
+
+def _state(model, optimizer, extra) -> dict:
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(_Owner(model, extra), optimizer)}
+    if extra is not None and any(True for _ in extra.parameters()):
+        state["extra"] = get_model_state_dict(extra)
+    return state
+
+
 def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, ranks: Ranks, files: dict[str, str],
-         keep: int) -> Path:
-    """Write checkpoint `step` (collective: every rank calls it). `files` are small text files written by rank 0."""
+         keep: int, extra: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). `files` are small text files written by rank 0;
+    `extra` holds the stage's own modules (saved and resumed, never exported)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -92,7 +111,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier(ranks)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _state(model, optimizer, extra)
     with _single_process_quiet(ranks):
         dcp.save(state, checkpoint_id=str(tmp))
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{ranks.rank}.pt")
@@ -108,13 +127,16 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
     return final
 
 
-def load(path: Path, model, optimizer, ranks: Ranks) -> dict:
-    """Load model and optimizer (resharding to this world size) and return this rank's trainer state."""
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+def load(path: Path, model, optimizer, ranks: Ranks, extra: torch.nn.Module | None = None) -> dict:
+    """Load model, the stage's modules and optimizer (resharding to this world size); return this rank's trainer
+    state."""
+    state = _state(model, optimizer, extra)
     with _single_process_quiet(ranks):
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    if "extra" in state:
+        set_model_state_dict(extra, state["extra"], options=StateDictOptions(strict=True))
+    set_optimizer_state_dict(_Owner(model, extra), optimizer, state["optim"])
     own = path / f"trainer_rank{ranks.rank}.pt"
     # With a different world size, ranks without their own file take rank 0's (RNG streams then differ).
     trainer_state = torch.load(own if own.exists() else path / "trainer_rank0.pt", weights_only=False)

@@ -502,12 +502,15 @@ def build_optimizer(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     cfg: OptimConfig,
     row_blocks: Mapping[str, Sequence[int]] | None = None,
+    extra_groups: Sequence[dict] = (),
 ) -> tuple[VpmoeOptimizer, str]:
     """Route the model's parameters (vpmoe.model.naming.param_kind) and build the optimizer.
 
     named_parameters: e.g. model.named_parameters() (names relative to the model, as naming.py documents).
     row_blocks: optional {name: (rows_0, rows_1, ...)} for matrices stored fused along dim -2 (e.g. q/k/v): each
         block is orthogonalized (and normalized) as its own matrix. naming.py's model stores no fused matrices.
+    extra_groups: AdamW groups for parameters outside the model (a stage's own modules, e.g. hidden-state
+        projections): dicts with `group` (a name), `params`, `lr` (peak) and `weight_decay`.
     Returns (optimizer, routing table text). Print the table at start-up (rank 0). Frozen parameters
     (requires_grad False) are routed and listed but not optimized; an unroutable parameter raises UserError.
     """
@@ -534,6 +537,15 @@ def build_optimizer(
                 info[r.param] = ParamInfo(r.name, r.kind, blocks.get(r.name))
         if params:
             groups.append(dict(hp[gname], params=params, group=gname))
+    table = routing_table(routed, hp)
+    for extra in extra_groups:
+        params = [p for p in extra["params"] if p.requires_grad]
+        if not params:
+            continue
+        groups.append(dict(hp["adamw_no_decay"], params=params, group=extra["group"], lr=extra["lr"],
+                           weight_decay=extra["weight_decay"]))
+        table += (f"\n{extra['group']}: {len(params)} tensors, {sum(p.numel() for p in params):,} parameters, "
+                  f"adamw, peak_lr {extra['lr']:.3g}, wd {extra['weight_decay']:.3g} (the stage's own modules)")
     if not groups:
         raise UserError("optimizer: no trainable parameters")
-    return VpmoeOptimizer(groups, info, compile=cfg.compile), routing_table(routed, hp)
+    return VpmoeOptimizer(groups, info, compile=cfg.compile), table

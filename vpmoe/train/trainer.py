@@ -124,10 +124,12 @@ class Trainer:
         self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from)
         self.autocast = autocast_dtype(cfg.train, ranks.device)
         self.objective = build_objective(cfg, ranks)
+        self.extra = torch.nn.ModuleDict(self.objective.modules())  # the stage's own modules, replicated
         self.update_bias = model_cfg.moe.enabled and "router" not in cfg.train.freeze
         # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads)
         self.graph_safe_grads = cfg.train.compile == "cudagraphs"
-        self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim)
+        self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim,
+                                                extra_groups=self.objective.optimizer_groups())
         try:
             self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         except ValueError as e:
@@ -194,6 +196,10 @@ class Trainer:
                 loss = self.micro_step(batch, counts, sums)
             with self.timer.phase("backward"):
                 loss.backward()
+        if self.ranks.distributed:  # the stage's modules are replicated: average their gradients as FSDP does
+            for p in self.extra.parameters():
+                if p.grad is not None:
+                    all_reduce_sum(p.grad, self.ranks).div_(self.ranks.world_size)
         return sums
 
     def micro_step(self, batch, counts: torch.Tensor, sums: StepSums) -> torch.Tensor:
@@ -219,12 +225,19 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
 
     def clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        """Clip the global gradient norm of the model (sharded) and the stage's modules (replicated) together."""
+        sets = [[p.grad for p in module.parameters() if p.grad is not None] for module in (self.model, self.extra)]
+        sets = [grads for grads in sets if grads]
+        norms = []
+        for grads in sets:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))) if norms else 0.0
+        scale = self.cfg.train.grad_clip / (total + 1e-6)
+        if self.cfg.train.grad_clip and scale < 1.0:
+            for grads in sets:
+                torch._foreach_mul_(grads, scale)
+        return total
 
     def fail_non_finite(self, terms: dict[str, torch.Tensor], grad_norm: float) -> None:
         bad = sorted({name.rsplit(".", 1)[0] for name, p in self.model.named_parameters()
@@ -313,7 +326,7 @@ class Trainer:
         """Load the run directory's latest complete checkpoint, if any."""
         path = checkpoints.latest(self.run_dir)
         if path is not None:
-            self.load_state_dict(checkpoints.load(path, self.model, self.optimizer, self.ranks))
+            self.load_state_dict(checkpoints.load(path, self.model, self.optimizer, self.ranks, self.extra))
         return path
 
     def save(self) -> Path:
@@ -321,7 +334,7 @@ class Trainer:
                  checkpoints.MODEL_CONFIG: json.dumps(model_config_to_dict(self.model_cfg), indent=2,
                                                       sort_keys=True) + "\n"}
         return checkpoints.save(self.run_dir, self.global_step, self.model, self.optimizer, self.state_dict(),
-                                self.ranks, files, self.cfg.checkpoint.keep)
+                                self.ranks, files, self.cfg.checkpoint.keep, self.extra)
 
     def provenance_text(self) -> str:
         parents = [{"dataset": provenance.portable_name(self.cfg.data.path), **self.manifest.get("provenance", {})}]

@@ -54,8 +54,14 @@ class Objective:
         raise NotImplementedError
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Extra trainable modules, by name (their parameters get optimizer groups of their own)."""
+        """The stage's own trainable modules, by name, on the model's device. The loop keeps them replicated on
+        every rank (their gradients are averaged over ranks), clips them with the model and saves them in the
+        training checkpoint; they are never part of the exported model."""
         return {}
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW groups for the parameters of `modules()`: dicts with `group`, `params`, `lr`, `weight_decay`."""
+        return []
 
     def state_dict(self) -> dict:
         """Extra state to resume exactly (saved per rank in the training checkpoint)."""
