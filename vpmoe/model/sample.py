@@ -19,7 +19,8 @@ the parameters at the addresses seen at capture: update the weights in place (co
 
 Sampling. logits -> / temperature -> top-k -> top-p (the smallest set of tokens whose probability reaches top_p)
 -> one token by the Gumbel-max rule argmax(z - log E), E ~ Exp(1) drawn from the caller's generator: an exact
-draw from softmax(z), the rule torch.multinomial uses for one sample, without its host synchronization.
+draw from softmax(z), the rule torch.multinomial uses for one sample, without its host synchronization. In
+"compile" mode the rule after the draw is compiled too (one pass over the [B, V] logits instead of several).
 temperature 0 is greedy. Randomness comes from the generator alone: the same generator state and inputs give
 the same rollouts bitwise on the CPU. Noise is drawn for all batch_size rows every step, so a row's sample
 depends on its place in the batch.
@@ -95,10 +96,11 @@ class Sampler:
         self.cache = StaticKVCache(model.cfg, batch_size, max_prompt_len + max_new_tokens, self.device, self.dtype)
         self._token = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the decode step's input
         self._positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self._block = _decode_block
+        self._block, self._pick = _decode_block, _pick_token
         if mode == "compile":
             allow_recompiles()
             self._block = torch.compile(_decode_block, dynamic=False)
+            self._pick = torch.compile(_pick_token, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None  # the graph's output
         if mode != "eager":
@@ -148,13 +150,13 @@ class Sampler:
         done = torch.arange(batch, device=self.device) >= rows
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
         for step in range(new_tokens):
-            token, logprob, plain = choose(logits, generator, temperature, top_k, top_p)
+            token, logprob, plain = _choose(logits, generator, temperature, top_k, top_p, self._pick)
             live = ~done
             tokens[:, step] = torch.where(live, token, pad_id)
             logprobs[:, step] = torch.where(live, logprob, 0.0)
             plain_logprobs[:, step] = torch.where(live, plain, 0.0)
             lengths += live.long()
-            done = done | torch.isin(token, stops)
+            done = done | (token[:, None] == stops).any(-1)
             if step + 1 == new_tokens or ((step + 1) % self.check_every == 0 and bool(done.all())):
                 break
             logits = self._decode(token)
@@ -257,20 +259,29 @@ class Sampler:
             self._logits = self._step()
 
 
-def choose(
+def _choose(
     logits: torch.Tensor,
     generator: torch.Generator | None,
     temperature: float,
     top_k: int | None,
     top_p: float,
+    pick,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] (fp32 or wider) -> (token [B], its log-prob under the distribution drawn from [B], its
-    log-prob at temperature 1 without filtering [B]). No host synchronization."""
-    plain_normalizer = logits.logsumexp(-1)
+    log-prob at temperature 1 without filtering [B]). No host synchronization. pick: _pick_token or a compiled
+    copy of it (the generator's draw stays outside compiled code)."""
     if temperature == 0:
         token = logits.argmax(-1)
-        plain = logits.gather(1, token[:, None])[:, 0] - plain_normalizer
+        plain = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
         return token, torch.zeros_like(plain), plain
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    return pick(logits, noise, temperature, top_k, top_p)
+
+
+def _pick_token(
+    logits: torch.Tensor, noise: torch.Tensor, temperature: float, top_k: int | None, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gumbel-max draw of _choose from Exp(1) noise [B, V]."""
     z = logits if temperature == 1 else logits / temperature
     if top_k is not None:
         kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
@@ -281,9 +292,9 @@ def choose(
         # Drop a token when the tokens ranked above it already reach top_p (the first token always stays).
         drop = probs.cumsum(-1) - probs >= top_p
         z = z.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    noise = torch.empty_like(z).exponential_(generator=generator)
     # E = 0 would make -log E infinite; the clamp changes the draw with probability ~0 and keeps -inf masks.
-    token = (z - noise.clamp_(min=torch.finfo(z.dtype).tiny).log_()).argmax(-1)
+    token = (z - noise.clamp(min=torch.finfo(noise.dtype).tiny).log()).argmax(-1)
+    plain_normalizer = logits.logsumexp(-1)
     normalizer = plain_normalizer if z is logits else z.logsumexp(-1)
     logprob = z.gather(1, token[:, None])[:, 0] - normalizer
     plain = logits.gather(1, token[:, None])[:, 0] - plain_normalizer
