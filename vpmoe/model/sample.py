@@ -181,7 +181,7 @@ class Sampler:
         if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k <= 0):
             raise UserError(f"Sampler.sample: temperature ({temperature}) must be >= 0, top_p ({top_p}) in (0, 1], "
                             f"top_k ({top_k}) positive or None")
-        if temperature > 0 and (generator is None or generator.device != self.device):
+        if temperature > 0 and (generator is None or generator.device.type != self.device.type):
             raise UserError(f"Sampler.sample: sampling at temperature {temperature} needs a torch.Generator on "
                             f"{self.device}, got {None if generator is None else generator.device}")
         if torch.is_autocast_enabled(self.device.type):
