@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vpmoe.errors import UserError
-from vpmoe.model import Kernels, Sampler, Transformer, generate
+from vpmoe.model import Kernels, Sampler, Transformer, generate, sample
 from vpmoe.testing.models import model_config
 
 VOCAB = 61
@@ -79,8 +79,15 @@ def first_tokens(model, prompt, n, seed, **kw):
     return torch.bincount(out.tokens[:, 0], minlength=VOCAB).double()
 
 
+@pytest.fixture(params=[None, 4], ids=["one_span", "spans_of_4"])
+def span(request, monkeypatch):
+    """Full-length layers read the cache in spans of sample.SPAN slots; 4 makes the tiny runs cross several."""
+    if request.param is not None:
+        monkeypatch.setattr(sample, "SPAN", request.param)
+
+
 @pytest.mark.parametrize("name", ["tiny_compat", "tiny_real", "tiny_moe"])
-def test_greedy_equals_generate_and_a_vanishing_temperature_is_greedy(name):
+def test_greedy_equals_generate_and_a_vanishing_temperature_is_greedy(name, span):
     model = tiny(name)
     prompts = prompts_of(3, 11, 7)  # windows of 8 wrap; one of the 4 rows is unused
     sampler = Sampler(model, batch_size=4, max_prompt_len=12, max_new_tokens=15)
@@ -94,7 +101,7 @@ def test_greedy_equals_generate_and_a_vanishing_temperature_is_greedy(name):
 
 
 @pytest.mark.parametrize("name", ["tiny_compat", "tiny_moe"])
-def test_logprobs_equal_a_full_forward(name):
+def test_logprobs_equal_a_full_forward(name, span):
     model = tiny(name, sharpen=20.0)
     prompts = prompts_of(2, 10, 5, 7)
     sampler = Sampler(model, batch_size=4, max_prompt_len=10, max_new_tokens=14)
@@ -183,7 +190,7 @@ def test_the_same_generator_state_reproduces_the_rollouts_bitwise():
     assert not torch.equal(first.tokens, later.tokens)
 
 
-def test_a_batch_of_different_lengths_equals_each_prompt_alone():
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(span):
     model = tiny("tiny_moe")
     prompts = prompts_of(2, 13, 6, 9)
     batched = Sampler(model, batch_size=5, max_prompt_len=13, max_new_tokens=12).sample(

@@ -55,6 +55,7 @@ class StaticKVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
         a = cfg.attention
+        self.capacity = capacity
         self.slots = [min(a.window, capacity) if cfg.layer_kind(layer) == "local" else capacity
                       for layer in range(cfg.model.n_layers)]
         self.k = [torch.zeros(batch, a.n_kv_heads, slots, a.head_dim, device=device, dtype=dtype)
@@ -70,16 +71,16 @@ class StaticKVCache:
         self.k[layer][rows].index_copy_(2, kept % slots, k.index_select(2, kept))
         self.v[layer][rows].index_copy_(2, kept % slots, v.index_select(2, kept))
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the keys of stream index t for all rows, k and v [B, Hkv, 1, D]."""
-        slot = (self.t % self.slots[layer]).view(1)
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
+    def span(self, layer: int, span: int) -> int:
+        """The slots of `layer` that a step at stream index t < span reads: the first `span` of a layer that keeps
+        every token (later slots hold no token yet), the whole ring of a windowed one."""
+        return span if self.slots[layer] == self.capacity else self.slots[layer]
 
     def visibility(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a query at stream index t over a layer of `slots` slots: (visible [B, slots], distance [B, slots]).
-        Slot s holds the latest token j <= t with j % slots == s (j < 0: never written); the query sees it when it
-        is a real token of the row. A local ring never holds more than its window, so no window test is needed."""
+        """For a query at stream index t over the first `slots` slots of a layer whose ring is `slots` long, or of a
+        full layer with t < slots: (visible [B, slots], distance [B, slots]). Slot s holds the latest token
+        j <= t with j % slots == s (j < 0: never written); the query sees it when it is a real token of the row.
+        A local ring never holds more than its window, so no window test is needed."""
         index = torch.arange(slots, device=self.t.device)
         token = self.t - (self.t - index).remainder(slots)
         visible = token[None, :] >= self.pads[:, None]

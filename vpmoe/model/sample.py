@@ -7,12 +7,14 @@ Layout. Prompts are left-padded to the longest prompt of the call, so that all r
 decode step; the padding is masked out and positions start at 0 at each prompt's first token, as if each prompt
 ran alone. One prefill forward (in row chunks of at most PREFILL_TOKENS tokens, reference attention) fills a
 StaticKVCache sized at construction for max_prompt_len + max_new_tokens; each decode step writes one token per row
-in place and attends over the preallocated slots (attention_ops.decode_attention). The expert GEMMs of a step run
+in place and attends over the preallocated slots (attention_ops.decode_attention): the whole ring of a local
+layer, the first multiple of SPAN slots past the current token of a global one. The expert GEMMs of a step run
 over the whole batch at once (the model's experts kernel).
 
 Modes (the decode step; the prefill always runs eagerly):
 - "eager": plain PyTorch, any device. The only mode on the CPU.
-- "graph": CUDA; the whole decode step (all layers and the head) is captured once as a CUDA graph and replayed.
+- "graph": CUDA; the whole decode step (all layers and the head) is captured as a CUDA graph (one per span) at
+  construction and replayed.
 - "compile": CUDA; as "graph", with each block's step compiled by torch.compile first (fewer, fused kernels).
 CUDA-graph modes need the "grouped_mm" experts kernel (the others synchronize with the host). A graph replays
 the parameters at the addresses seen at capture: update the weights in place (copy_), never rebind them.
@@ -48,6 +50,9 @@ from vpmoe.model.transformer import Block, Transformer
 
 STOP_IDS = (tk.RETURN, tk.CALL, tk.ENDOFTEXT)
 PREFILL_TOKENS = 32768  # rows per prefill chunk x prompt length: bounds the prefill's activations
+# Full-length (global) layers attend over the first multiple of SPAN slots past the current token, not over all
+# max_prompt_len + max_new_tokens of them: the cache reads grow with the stream. One CUDA graph per span.
+SPAN = 256
 MODES = ("eager", "graph", "compile")
 
 
@@ -101,8 +106,7 @@ class Sampler:
             allow_recompiles()
             self._block = torch.compile(_decode_block, dynamic=False)
             self._pick = torch.compile(_pick_token, dynamic=False)
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None  # the graph's output
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # span -> (graph, its logits)
         if mode != "eager":
             self._capture()
 
@@ -159,7 +163,7 @@ class Sampler:
             done = done | (token[:, None] == stops).any(-1)
             if step + 1 == new_tokens or ((step + 1) % self.check_every == 0 and bool(done.all())):
                 break
-            logits = self._decode(token)
+            logits = self._decode(token, self._span(longest + step))
 
         longest_completion = int(lengths[:rows].max())
         mask = torch.arange(longest_completion, device=self.device)[None, :] < lengths[:rows, None]
@@ -215,28 +219,35 @@ class Sampler:
             logits.append(model.head(model.final_norm(x[:, -1])).to(self.wide))
         return torch.cat(logits)
 
-    def _decode(self, token: torch.Tensor) -> torch.Tensor:
-        self._token.copy_(token)
-        if self._graph is None:
-            return self._step()
-        self._graph.replay()
-        return self._logits
+    def _span(self, t: int) -> int:
+        """The span of full-length layers that a step at stream index t reads."""
+        return min(self.cache.capacity, (t // SPAN + 1) * SPAN)
 
-    def _step(self) -> torch.Tensor:
-        """Feed self._token at stream index cache.t and positions self._positions through every layer, return the
-        next token's logits [B, V], then advance t and the positions. Allocates nothing that outlives the step
-        and reads only preallocated inputs: a CUDA graph replays it."""
+    def _decode(self, token: torch.Tensor, span: int) -> torch.Tensor:
+        self._token.copy_(token)
+        if not self._graphs:
+            return self._step(span)
+        graph, logits = self._graphs[span]
+        graph.replay()
+        return logits
+
+    def _step(self, span: int) -> torch.Tensor:
+        """Feed self._token at stream index cache.t < span and positions self._positions through every layer,
+        return the next token's logits [B, V], then advance t and the positions. Allocates nothing that outlives
+        the step and reads only preallocated inputs: a CUDA graph replays it."""
         model, cache = self.model, self.cache
         positions = self._positions[:, None]
         rope = _rope(model, positions)
-        visibility = {slots: cache.visibility(slots) for slots in set(cache.slots)}
+        read = [cache.span(layer, span) for layer in range(len(model.layers))]
+        visibility = {slots: cache.visibility(slots) for slots in set(read)}
         x = model.embed(self._token[:, None])
         v_first = None
         for block in model.layers:
-            visible, distance = visibility[cache.slots[block.layer]]
+            slots = read[block.layer]
+            visible, distance = visibility[slots]
             x, materialized_v = self._block(
-                block, x, positions, rope, cache.k[block.layer], cache.v[block.layer], cache.t, visible, distance,
-                v_first, model.kernels.experts)
+                block, x, positions, rope, cache.k[block.layer][:, :, :slots], cache.v[block.layer][:, :, :slots],
+                cache.t, visible, distance, v_first, model.kernels.experts)
             if block.layer == 0:
                 v_first = materialized_v
         logits = model.head(model.final_norm(x[:, 0])).to(self.wide)
@@ -246,17 +257,24 @@ class Sampler:
 
     @torch.no_grad()
     def _capture(self) -> None:
-        # Warm-up steps (compilation, autotuning, cuBLAS workspaces) run on a side stream, as capture requires.
-        # They write into the cache, which every sample() overwrites or masks before reading.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._logits = self._step()
+        """One CUDA graph per span, sharing one memory pool: replays run one at a time on one stream, and each
+        graph's output stays referenced, so no graph's memory is another's live data."""
+        pool = torch.cuda.graph_pool_handle()
+        spans = sorted({self._span(t) for t in range(self.cache.capacity)})
+        for span in spans:
+            # Warm-up steps (compilation, autotuning, cuBLAS workspaces) run on a side stream, as capture
+            # requires. They write into the cache, which every sample() overwrites or masks before reading.
+            self.cache.t.zero_()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(span)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._step(span)
+            self._graphs[span] = graph, logits
 
 
 def _choose(
