@@ -12,8 +12,8 @@ difference over the remaining steps. Sampled tokens/s counts every sampled token
 included). The eager mode decodes --eager-new tokens only (its per-step time is what matters).
 
 Memory bound of a decode step: every parameter but the embedding is read once (all experts are hit at batch
-256 x top-4 over 256 experts), plus the whole KV cache (global layers: prompt + new slots; local: the window),
-at --bandwidth bytes/s (H200 HBM3e: 4.8e12).
+256 x top-4 over 256 experts), plus the KV cache slots the step reads (local layers: the window; global layers:
+the current span of the stream, averaged over the run's steps), at --bandwidth bytes/s (H200 HBM3e: 4.8e12).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from vpmoe import config
 from vpmoe.model import Kernels, Sampler, build_model, generate, load_model_config
+from vpmoe.model.sample import SPAN
 
 
 def main() -> None:
@@ -77,7 +78,9 @@ def main() -> None:
             result["modes"][mode] = {"error": f"{type(error).__name__}: {error}"}
         print(mode, json.dumps(result["modes"][mode]), flush=True)
 
-    kv_bytes = kv_cache_bytes(cfg, args.batch, args.prompt + args.new, model.embed.weight.element_size())
+    capacity, steps = args.prompt + args.new, range(args.prompt, args.prompt + args.new - 1)
+    kv_bytes = sum(kv_read_bytes(cfg, args.batch, capacity, min(capacity, (t // SPAN + 1) * SPAN),
+                                 model.embed.weight.element_size()) for t in steps) / max(len(steps), 1)
     step_bytes = weight_bytes + kv_bytes
     bound = {
         "weights_gb_per_step": round(weight_bytes / 1e9, 2),
@@ -162,10 +165,10 @@ def run_mode(model, prompts, mode, args, device) -> dict:
     return figures
 
 
-def kv_cache_bytes(cfg, batch: int, capacity: int, element_size: int) -> int:
-    """Keys and values a decode step reads: every slot of every layer (StaticKVCache's layout)."""
+def kv_read_bytes(cfg, batch: int, capacity: int, span: int, element_size: int) -> int:
+    """Keys and values a decode step reads (StaticKVCache's layout): a local layer's ring, a global layer's span."""
     a = cfg.attention
-    slots = sum(min(a.window, capacity) if cfg.layer_kind(layer) == "local" else capacity
+    slots = sum(min(a.window, capacity) if cfg.layer_kind(layer) == "local" else span
                 for layer in range(cfg.model.n_layers))
     return 2 * batch * a.n_kv_heads * a.head_dim * slots * element_size
 

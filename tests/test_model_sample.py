@@ -246,14 +246,14 @@ def test_graph_and_compiled_decode_equal_eager_decode(mode):
     for row, prompt in enumerate(prompts):
         # Greedy paths may part at a near-tie (bf16 rounding differs between kernels); up to there they agree,
         # and the parting must be a near-tie of the eager path's own logits.
-        same = (eager.tokens[row] == fast.tokens[row]).long().cumprod(0).sum()
+        same = int((eager.tokens[row] == fast.tokens[row]).long().cumprod(0).sum())
         logits = full_logits(model, prompt, eager.tokens[row].tolist()).float()
         if same < 24:
             top2 = logits[same].topk(2).values
-            assert float(top2[0] - top2[1]) < 0.1, (mode, row, int(same))
-        err = float((eager.plain_logprobs[row, :same] - fast.plain_logprobs[row, :same]).abs().max())
-        print(f"GPU-ERR sampler/{mode}/row{row}: agree on {int(same)}/24, max |logprob diff| {err:.2e}")
-        assert err < 5e-2
+            assert float(top2[0] - top2[1]) < 0.1, (mode, row, same)
+        err = float((eager.plain_logprobs[row, :same] - fast.plain_logprobs[row, :same]).abs().max()) if same else 0
+        print(f"GPU-ERR sampler/{mode}/row{row}: agree on {same}/24, max |logprob diff| {err:.2e}")
+        assert same >= 1 and err < 5e-2
 
 
 @pytest.mark.gpu
