@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vpmoe.errors import UserError
-from vpmoe.model import Kernels, Sampler, Transformer, generate, sample
+from vpmoe.model import Kernels, Sampler, Transformer, attention_ops, generate, sample
 from vpmoe.testing.models import model_config
 
 VOCAB = 61
@@ -77,6 +77,30 @@ def first_tokens(model, prompt, n, seed, **kw):
     sampler = Sampler(model, batch_size=n, max_prompt_len=len(prompt), max_new_tokens=1)
     out = sampler.sample([prompt] * n, generator=torch.Generator().manual_seed(seed), stop_ids=(), **kw)
     return torch.bincount(out.tokens[:, 0], minlength=VOCAB).double()
+
+
+def decode_case(device="cpu", dtype=torch.float64):
+    """One query per row over 11 cache slots (a ring's worth, in scrambled token order), some slots hidden."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, h, s, 16, generator=g, dtype=torch.float64) for h, s in ((8, 1), (2, 11), (2, 11)))
+    token = torch.randperm(11, generator=g) + 9  # slot -> stream index; the query sits at 20
+    visible = torch.rand(3, 11, generator=g) < 0.7
+    visible[:, token.argmax()] = True  # the query's own token
+    sinks = torch.randn(8, generator=g, dtype=torch.float64)
+    return [x.to(device, dtype) for x in (q, k, v)], token.to(device), visible.to(device), sinks.to(device)
+
+
+@pytest.mark.parametrize("alibi, with_sinks", [(True, True), (False, True), (False, False)])
+def test_decode_attention_equals_reference_attention(alibi, with_sinks):
+    (q, k, v), token, visible, sinks = decode_case()
+    sinks = sinks if with_sinks else None
+    got = attention_ops.decode_attention(q, k, v, visible=visible, distance=(20 - token).expand(3, 11), alibi=alibi,
+                                         sinks=sinks, scale=0.25)
+    # The reference reads the hidden slots as another document.
+    want = attention_ops.reference_attention(
+        q, k, v, q_index=torch.tensor([20]), k_index=token, q_doc=torch.ones(3, 1, dtype=torch.long),
+        k_doc=visible.long(), window=None, alibi=alibi, sinks=sinks, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture(params=[None, 4], ids=["one_span", "spans_of_4"])
@@ -283,3 +307,26 @@ def test_compiled_rollouts_match_a_full_forward_reproduce_and_do_not_sync_per_to
         return sum("synchroniz" in str(w.message).lower() for w in caught)
 
     assert syncs(8) == syncs(40)  # host synchronizations do not grow with the number of tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_attention_in_bf16_is_as_close_as_the_reference_in_bf16():
+    (q, k, v), token, visible, sinks = decode_case("cuda")
+    distance = (20 - token).expand(3, 11)
+
+    def run(path, dtype):
+        args = [x.to(dtype) for x in (q, k, v)]
+        if path == "decode":
+            return attention_ops.decode_attention(*args, visible=visible, distance=distance, alibi=True,
+                                                  sinks=sinks.float(), scale=0.25)
+        return attention_ops.reference_attention(
+            *args, q_index=torch.tensor([20], device="cuda"), k_index=token,
+            q_doc=torch.ones(3, 1, dtype=torch.long, device="cuda"), k_doc=visible.long(), window=None, alibi=True,
+            sinks=sinks.float(), scale=0.25)
+
+    oracle = run("reference", torch.float64)
+    err = float((run("decode", torch.bfloat16).double() - oracle).norm() / oracle.norm())
+    ref = float((run("reference", torch.bfloat16).double() - oracle).norm() / oracle.norm())
+    print(f"GPU-ERR decode_attention bf16 {err:.2e}, reference bf16 {ref:.2e}")
+    assert err <= max(3 * ref, 2e-2)
