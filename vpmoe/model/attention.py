@@ -78,6 +78,8 @@ class Attention(nn.Module):
         self.kind = cfg.layer_kind(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
         self.window = a.window if self.kind == "local" else None
+        self.alibi = self.kind == "global"
+        self.scale = 1.0 / math.sqrt(a.head_dim)
         self.grape_scale = a.grape_log_freq_scale
         self.rope_base = a.rope_base
         q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
@@ -128,33 +130,47 @@ class Attention(nn.Module):
         """Returns (output [B, S, D], this layer's materialized V [B, S, Hkv, hd] before any value mixing).
 
         value_mix is lambda = sigmoid(value_residual_logit): v <- (1 - lambda) * v + lambda * v_first."""
-        batch, seq, _ = x.shape
-        q, k, v = self.project(x)
-        materialized_v = v
-        if value_mix is not None:
-            v = (1 - value_mix) * v + value_mix * v_first
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.kind == "local":
-            cos, sin = rotary_cos_sin(ctx.position_ids, grape_inv_freq(self.grape_log_freq, self.grape_scale))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        elif self.kind == "full":
-            cos, sin = ctx.rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        alibi = self.kind == "global"
+        q, k, v, materialized_v = self.heads(x, ctx.position_ids, ctx.rope, v_first, value_mix)
         if cache is None and ctx.kernel == "flex":
             out = attention_ops.flex_attention(
-                q, k, v, block_mask=ctx.block_mask(self.window), alibi=alibi, sinks=self.sinks, scale=scale)
+                q, k, v, block_mask=ctx.block_mask(self.window), alibi=self.alibi, sinks=self.sinks, scale=self.scale)
         else:
             k_index, k_doc = ctx.token_index, ctx.doc_ids
             if cache is not None:
                 k, v, k_index, k_doc = cache.update(k, v, ctx.token_index, ctx.doc_ids)
             out = attention_ops.reference_attention(
                 q, k, v, q_index=ctx.token_index, k_index=k_index, q_doc=ctx.doc_ids, k_doc=k_doc,
-                window=self.window, alibi=alibi, sinks=self.sinks, scale=scale)
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-        return self.o_proj(out), materialized_v
+                window=self.window, alibi=self.alibi, sinks=self.sinks, scale=self.scale)
+        return self.merge(out), materialized_v
+
+    def heads(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        v_first: torch.Tensor | None = None,
+        value_mix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention inputs q [B, H, S, hd], k and v [B, Hkv, S, hd] (normed, rotated, value-mixed) and this
+        layer's materialized V [B, S, Hkv, hd]. position_ids [B, S] drive GRAPE-M (local layers); rope is the
+        compat-mode cos/sin (AttentionContext.rope). The sampler (vpmoe.model.sample) attends over its own cache."""
+        q, k, v = self.project(x)
+        materialized_v = v
+        if value_mix is not None:
+            v = (1 - value_mix) * v + value_mix * v_first
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.kind == "local":
+            cos, sin = rotary_cos_sin(position_ids, grape_inv_freq(self.grape_log_freq, self.grape_scale))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        elif self.kind == "full":
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), materialized_v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, S, hd] -> the output projection [B, S, D]."""
+        batch, _, seq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float) -> None:

@@ -55,6 +55,50 @@ def reference_attention(
     return (probs @ v).to(q.dtype)
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    visible: torch.Tensor,
+    distance: torch.Tensor,
+    alibi: bool,
+    sinks: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row against a preallocated cache: q [B, H, 1, D], k and v [B, Hkv, S, D] (S cache slots),
+    visible [B, S] the slots this row's query may see, distance [B, S] the query's token index minus each slot's.
+
+    The math of reference_attention, shaped for decoding: GQA as a reshape of q (K and V are read once, never
+    repeated), scores and softmax in fp32 (or wider) straight from low-precision operands; the probabilities meet
+    V in V's dtype, as fused attention kernels do."""
+    batch, n_heads, _, dim = q.shape
+    n_kv, slots = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    scores = _wide_bmm(q.reshape(batch * n_kv, group, dim), k.reshape(batch * n_kv, slots, dim).transpose(1, 2))
+    scores = scores.view(batch, n_heads, slots) * scale
+    if alibi:
+        slopes = alibi_slopes(n_heads, device=q.device).to(scores.dtype)
+        scores = scores - slopes[None, :, None] * distance[:, None, :].to(scores.dtype)
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype)[None, :, None].expand(batch, n_heads, 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = _wide_bmm(probs.to(v.dtype).reshape(batch * n_kv, group, slots), v.reshape(batch * n_kv, slots, dim))
+    return out.view(batch, n_heads, 1, dim).to(q.dtype)
+
+
+def _wide_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 (or wider) output; on CUDA, low-precision operands go to cuBLAS as they are (fp32
+    accumulation and output), without upcast copies of the cache."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype != wide and a.is_cuda:
+        return torch.bmm(a, b, out_dtype=wide)
+    return torch.bmm(a.to(wide), b.to(wide))
+
+
 def document_block_mask(doc_ids: torch.Tensor, window: int | None) -> flex.BlockMask:
     """Causal + same-document (+ window) block mask for a full-sequence forward, doc_ids [B, S]."""
     batch, seq = doc_ids.shape

@@ -263,15 +263,21 @@ class MoE(nn.Module):
         self.router = Router(dim, moe)
 
     def forward(self, x: torch.Tensor, kernel: str = "padded_bmm") -> tuple[torch.Tensor, MoEStats]:
+        batch, seq, _ = x.shape
+        out, routing = self.mix(x, kernel)
+        aux = seq_aux_loss(routing.logits.view(batch, seq, -1), self.topk)
+        return out, MoEStats(aux, routing.counts)
+
+    def mix(self, x: torch.Tensor, kernel: str = "padded_bmm") -> tuple[torch.Tensor, Routing]:
+        """The layer's output [B, S, D] and the routing that produced it, without the balance statistics
+        (decoding needs the output only)."""
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         routing = self.router(flat)
         routed = self.experts(flat, routing.experts, kernel)  # [T, k, D]
         wide = torch.promote_types(x.dtype, torch.float32)
         mixed = (routed.to(wide) * routing.weights[..., None].to(wide)).sum(1).to(x.dtype)
-        out = self.shared(x) + mixed.view(batch, seq, dim)
-        aux = seq_aux_loss(routing.logits.view(batch, seq, -1), self.topk)
-        return out, MoEStats(aux, routing.counts)
+        return self.shared(x) + mixed.view(batch, seq, dim), routing
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float) -> None:
