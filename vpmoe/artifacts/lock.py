@@ -6,8 +6,10 @@ directory gets a UserError naming the holder. The kernel drops a lock when its p
 lock file left by a killed process is stale: the next process takes it over and says so. On exit the lock file is
 removed, and `path` too when this call created it and nothing else was written there.
 
-The locked directory may be renamed or removed while it is held (a staging directory being published or cleaned
-up): the release then removes only its own lock file, found by identity, never whatever now lives at `path`.
+Rename a locked directory's contents, never the directory itself (its lock file would go along): a staging
+directory publishes a subdirectory (`<out>.partial/dataset` -> `<out>`) and is then removed, renamed aside first
+so that its name is free at once. The release removes only its own lock file, found by identity, never one that
+another process has created at `path` since.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,10 +47,10 @@ REJECT_EXAMPLES = 5
 DATASET_FILES = [f"{split}/{name}.{ext}" for split in SPLITS for name in ("tokens", "spans") for ext in ("bin", "idx")]
 
 # `locked(directory, what)` holds a directory for this process for the length of the `with` block.
-Locker = Callable[[Path, str], AbstractContextManager]
+Locker = Callable[[Path, str], contextlib.AbstractContextManager]
 
 
-def unlocked(directory: Path, what: str) -> AbstractContextManager:
+def unlocked(directory: Path, what: str) -> contextlib.AbstractContextManager:
     """No lock: for callers that own the output path by construction (tests, the demo)."""
     return contextlib.nullcontext(directory)
 
@@ -180,7 +179,7 @@ def _build(data: DataSection, out: Path, partial: Path, inputs: list[Path]) -> P
         shutil.rmtree(stage)  # a merge that was interrupted
     stage.mkdir()
     _write_splits(stage, shards, len(inputs))
-    manifest = _manifest(summary, data, _hash_files(stage, DATASET_FILES))
+    manifest = _manifest(summary, data, file_records(stage, DATASET_FILES))
     provenance.atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     stage.rename(out)
     _remove(partial)
@@ -482,8 +481,8 @@ def _write_splits(stage: Path, shards: Path, n_inputs: int) -> None:
                 spans.add_file(directory / f"{split}_spans.bin", lengths)
 
 
-def _hash_files(root: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {"bytes", "sha256"}} of files under `root`, hashed in parallel threads (hashlib releases the GIL)."""
+def file_records(root: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files under `root` (as manifests record them), hashed in parallel threads."""
     paths = [root / name for name in names]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
         digests = list(pool.map(provenance.file_sha256, paths))

@@ -81,8 +81,8 @@ class SplitReader:
             raise UserError(f"{root}: tokens and spans have different sample lengths")
         if (len(self.tokens), self.tokens.total) != (recorded["samples"], recorded["tokens"]):
             raise UserError(f"{root}/tokens.idx holds {len(self.tokens)} samples, {self.tokens.total} tokens, but the "
-                            f"manifest records {recorded['samples']} samples, {recorded['tokens']} tokens: these are not "
-                            f"the files this dataset was built with; restore them or build the dataset again")
+                            f"manifest records {recorded['samples']} samples, {recorded['tokens']} tokens: these are "
+                            f"not the files this dataset was built with; restore them or build the dataset again")
 
     def __len__(self) -> int:
         return len(self.tokens)

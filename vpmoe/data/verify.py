@@ -9,11 +9,10 @@ were scored). A file that differs is named, and the command exits with status 2.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from pathlib import Path
 
-from vpmoe import provenance
+from vpmoe.data.build import file_records
 from vpmoe.data.indexed import IndexedReader
 from vpmoe.data.loader import SplitReader, read_manifest
 from vpmoe.errors import UserError
@@ -33,25 +32,23 @@ def verify(directory: str | Path) -> None:
         print(f"{root}: sizes and counts match the manifest; it records no file hashes (it was built before vpmoe "
               f"recorded them), so the contents were not checked")
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(recorded))) as pool:
-        problems = [p for p in pool.map(lambda item: _check(root, *item), recorded.items()) if p]
+    present = file_records(root, [name for name in recorded if (root / name).is_file()])
+    problems = [_problem(name, want, present.get(name)) for name, want in recorded.items()]
+    problems = [p for p in problems if p]
     if problems:
         raise UserError(f"{root}: {len(problems)} of {len(recorded)} files differ from the manifest: "
                         f"{'; '.join(problems)}. Copy them again, or build (or score) the dataset again")
-    size = sum((root / name).stat().st_size for name in recorded)
+    size = sum(entry["bytes"] for entry in present.values())
     print(f"verified {root}: {len(recorded)} files ({size / 2**20:.1f} MiB) match the sha256 the manifest records, "
           f"in {time.perf_counter() - start:.1f}s")
 
 
-def _check(root: Path, name: str, want: dict) -> str | None:
-    """What is wrong with one recorded file, or None."""
-    path = root / name
-    if not path.is_file():
+def _problem(name: str, want: dict, have: dict | None) -> str | None:
+    if have is None:
         return f"{name} is missing"
-    size = path.stat().st_size
-    if want.get("bytes") not in (None, size):
-        return f"{name} is {size} bytes, the manifest records {want['bytes']}"
-    if provenance.file_sha256(path) != want["sha256"]:
+    if want.get("bytes") not in (None, have["bytes"]):
+        return f"{name} is {have['bytes']} bytes, the manifest records {want['bytes']}"
+    if have["sha256"] != want["sha256"]:
         return f"{name} has another sha256"
     return None
 

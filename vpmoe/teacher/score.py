@@ -13,7 +13,6 @@ the whole run: a second scoring run of the same dataset is refused.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import json
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from vpmoe import config, provenance
 from vpmoe.artifacts.lock import lock_dir
+from vpmoe.data.build import file_records
 from vpmoe.data.harmony import SPAN_NAMES
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
 from vpmoe.data.loader import SplitReader, read_manifest
@@ -317,11 +317,6 @@ def write_shard(partial: Path, shard: Shard, docs: Documents, result: ShardResul
     os.rename(tmp, final)
 
 
-def _hash_files(paths: list[Path]) -> list[str]:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-        return list(pool.map(provenance.file_sha256, paths))
-
-
 def _merge(cfg: ScoreConfig, config_hash: str, dataset: Path, partial: Path, shards: list[Shard]) -> dict:
     missing = [f"{s.split}/{s.index}" for s in shards if not s.done(partial)]
     if missing:
@@ -418,7 +413,6 @@ def _split_section(dataset: Path, split: str, stage: Path, stats: list[dict], da
     }
     sidecar_files = sorted(p for p in stage.iterdir() if p.suffix in (".bin", ".idx"))
     size = sum(p.stat().st_size for p in sidecar_files)
-    dataset_files = [dataset / split / "tokens.bin", dataset / split / "spans.bin"]
     tokens = reader.tokens.total
     return {
         "samples": sum(s["samples"] for s in stats),
@@ -433,7 +427,7 @@ def _split_section(dataset: Path, split: str, stage: Path, stats: list[dict], da
         "mean_topk_mass": (sum(t["sum_topk_mass"] for t in spans.values()) / supervised) if supervised else None,
         "mean_entropy": (sum(t["sum_entropy"] for t in spans.values()) / supervised) if supervised else None,
         "spans": span_means,
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": digest}
-                  for p, digest in zip(sidecar_files, _hash_files(sidecar_files))},
-        "dataset_files": dict(zip((p.name for p in dataset_files), _hash_files(dataset_files))),
+        "files": file_records(stage, [p.name for p in sidecar_files]),
+        "dataset_files": {name: record["sha256"]
+                          for name, record in file_records(dataset / split, ["tokens.bin", "spans.bin"]).items()},
     }
