@@ -14,11 +14,11 @@ PACKAGE = Path(vpmoe.__file__).resolve().parent
 # Lower rank = lower layer. A module may import a module of another unit only if that unit's rank is lower.
 RANKS = {
     "__init__": 0, "errors": 0, "spans": 0,  # __init__: the package root holds only the version
-    "config": 1, "tokenizer": 1, "distributed": 1,
-    "provenance": 2,
+    "config": 1, "tokenizer": 1, "distributed": 1, "artifacts.files": 1, "artifacts.lock": 1,
+    "provenance": 2, "artifacts.weights": 2, "artifacts.checkpoints": 2,
     "data": 3, "model": 3,
     "optim": 4,
-    "artifacts": 5,
+    "artifacts.models": 5,
     "teacher": 6, "export": 6,
     "train": 7,
     "eval": 8, "perf": 8,
@@ -29,8 +29,11 @@ RANKS = {
 
 
 def unit(module: str) -> str:
-    """The layering unit of a dotted module name: its first component below `vpmoe`."""
+    """The layering unit of a dotted module name: its first component below `vpmoe`; in `artifacts` each module is
+    a unit of its own (its storage modules sit with the foundation, `artifacts.models` above the model)."""
     parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "artifacts":
+        return f"artifacts.{parts[2]}"
     return parts[1] if len(parts) > 1 else "__init__"
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
+from vpmoe.errors import UserError
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.uint16])
@@ -51,5 +52,5 @@ def test_add_file_appends_the_same_bytes_as_add_many(tmp_path, monkeypatch, kern
                 w.add_many(p, n)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()
-    with pytest.raises(ValueError, match="file size"):
+    with pytest.raises(UserError, match="part1 is 1200000 bytes, but its sequence lengths need 12"):
         IndexedWriter(tmp_path / "c", np.int32).add_file(tmp_path / "part1", np.array([3]))

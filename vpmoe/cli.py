@@ -1,11 +1,15 @@
 """The `vpmoe` command line: one entry point, one subcommand per job.
 
-Exit codes: 0 success, 2 bad input or config (the message says what and where), 1 any other failure.
+Exit codes: 0 success, 2 bad input or config (the message says what and where), 1 any other failure (an error
+of the environment, such as a full disk, is one line naming the path), 141 when the reader of the output went away
+(`vpmoe data inspect DIR | head`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from vpmoe.errors import RunError, UserError
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--split", default="train")
     inspect.add_argument("--sample", type=int, default=0, help="index of the sample to render")
     _add_set(inspect)
+    verify = data_sub.add_parser("verify", help="check every file against the manifest (sizes, counts, sha256)")
+    verify.add_argument("dir")
 
     params = sub.add_parser("params", help="parameter counts of a model config (total, active, by component) as JSON")
     params.add_argument("config")
@@ -100,6 +106,10 @@ def run(args: argparse.Namespace) -> None:
         from vpmoe.data.inspect import inspect
 
         inspect(args.dir, split=args.split, sample=args.sample)
+    elif args.command == "data" and args.data_command == "verify":
+        from vpmoe.data.verify import verify
+
+        verify(args.dir)
     elif args.command == "params":
         import json
 
@@ -165,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen while it can still be handled
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as if killed by SIGPIPE, like any other command in a pipe
     except UserError as e:
         print(f"vpmoe: error: {e}", file=sys.stderr)
         return 2
@@ -174,7 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vpmoe: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno is None:
+            raise
+        print(f"vpmoe: stopped: {os_error_message(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an error of the system that no layer below turned into a message of its own."""
+    where = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space on that device and run the same command again (it resumes where it can)"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "give this user write access there, or choose another path in the config"
+    else:
+        advice = "check that path and run the same command again"
+    return f"{e.strerror or e}" + (f" ({where})" if where else "") + f": {advice}"
 
 
 if __name__ == "__main__":

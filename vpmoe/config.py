@@ -2,7 +2,8 @@
 
 A config schema is a dataclass whose fields are section dataclasses; a section's fields are plain values.
 Unknown keys, missing keys and wrong types are errors that name the key and the file. `--set section.key=value`
-overrides are applied to the raw TOML before validation, so they are checked the same way; `replace` changes a
+overrides are applied to the raw TOML before validation, so they are checked the same way (an error in a value an
+override set names the override, not the file); `replace` changes a
 loaded config from Python with the same checks (typed overrides: no strings to compose and parse back).
 
 A config is named by the path of its TOML file or, for the configs shipped inside the package (`vpmoe/configs/`,
@@ -71,20 +72,18 @@ def load(path: str | Path, schema: type[T], overrides: list[str] | None = None, 
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
-    for item in overrides or []:
-        apply_override(raw, item)
+    set_by = {apply_override(raw, item): item for item in overrides or []}
     _apply_changes(raw, changes or {}, str(path))
-    return from_dict(raw, schema, source=str(path))
+    return from_dict(raw, schema, source=str(path), overrides=set_by)
 
 
 def from_overrides(schema: type[T], overrides: list[str], changes: dict[str, Any] | None = None,
                    source: str = "command line") -> T:
     """A config with no file: the schema's defaults, the user's overrides, then typed changes."""
     raw: dict = {}
-    for item in overrides:
-        apply_override(raw, item)
+    set_by = {apply_override(raw, item): item for item in overrides}
     _apply_changes(raw, changes or {}, source)
-    return from_dict(raw, schema, source=source)
+    return from_dict(raw, schema, source=source, overrides=set_by)
 
 
 def _apply_changes(raw: dict, changes: dict[str, Any], source: str) -> None:
@@ -118,8 +117,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Apply one `section.key=value` override; the value is parsed as a TOML value, else taken as a string."""
+def apply_override(raw: dict, item: str) -> str:
+    """Apply one `section.key=value` override (the value is parsed as a TOML value, else taken as a string);
+    returns the dotted key it set."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) < 2 or not all(parts):
@@ -134,14 +134,18 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {item!r}: {part!r} is not a table")
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
-def from_dict(raw: dict, schema: type[T], source: str, prefix: str = "") -> T:
+def from_dict(raw: dict, schema: type[T], source: str, prefix: str = "",
+              overrides: dict[str, str] | None = None) -> T:
+    """`overrides` maps each dotted key a `--set` changed to that override, which errors in that key then name."""
+    overrides = overrides or {}
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
-            raise UserError(f"{source}: unknown key '{prefix}{key}'")
+            raise UserError(f"{_blame(source, overrides, prefix + key)}: unknown key '{prefix}{key}'")
     values = {}
     for name, field in fields.items():
         where = f"{prefix}{name}"
@@ -156,18 +160,27 @@ def from_dict(raw: dict, schema: type[T], source: str, prefix: str = "") -> T:
         value = raw[name]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
-                raise UserError(f"{source}: '{where}' must be a table")
-            values[name] = from_dict(value, kind, source, prefix=f"{where}.")
+                raise UserError(f"{_blame(source, overrides, where)}: '{where}' must be a table")
+            values[name] = from_dict(value, kind, source, prefix=f"{where}.", overrides=overrides)
         else:
-            values[name] = _check_value(value, kind, source, where)
+            values[name] = _check_value(value, kind, _blame(source, overrides, where), where)
     obj = schema(**values)
     check = getattr(obj, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as e:
-            raise UserError(f"{source}: {e}") from None
+            inside = [item for key, item in overrides.items() if key.startswith(prefix)]
+            raise UserError(f"{source}{' with --set ' + ', '.join(inside) if inside else ''}: {e}") from None
     return obj
+
+
+def _blame(source: str, overrides: dict[str, str], where: str) -> str:
+    """Who set the key `where`: the `--set` that set it (or a key inside it), else the config file."""
+    for key, item in overrides.items():
+        if key == where or key.startswith(f"{where}.") or where.startswith((f"{key}.", f"{key}[")):
+            return f"--set {item!r}"
+    return source
 
 
 def _all_defaults(kind: type) -> bool:

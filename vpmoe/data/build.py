@@ -2,19 +2,29 @@
 
 Each input file is one shard, rendered by a worker process into `<out>.partial/shards/NNNNN/`; the worker
 hashes the file in the same pass. A shard is done when its `stats.json` (which holds that sha256) exists, so an
-interrupted build resumes where it stopped. The merge concatenates the shards in input order, writes
-`manifest.json`, and renames `<out>.partial` to `<out>`: a directory at `out` is always complete.
+interrupted build resumes where it stopped; a shard whose input had a schema error leaves a `NNNNN.failed` mark,
+so that the fixed file is accepted on resume. The merge concatenates the shards in input order into
+`<out>.partial/dataset/`, records each file's size and sha256 in its `manifest.json` (for `vpmoe data verify`),
+renames that directory to `<out>` and removes the partial directory: a directory at `out` is always complete.
+
+Two builds of one output would share the partial directory: the build holds it locked (vpmoe.artifacts.lock) from
+start to end, and a second one is refused with the first one's pid and host.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import queue
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +34,18 @@ import numpy as np
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts.lock import lock_dir
 from vpmoe.data.harmony import SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
 from vpmoe.data.indexed import IndexedWriter
 from vpmoe.data.records import ID_FIELD, read_records
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 from vpmoe.spans import NAMES as SPAN_NAMES
 
 SCHEMA_VERSION = 1
 PLAN_VERSION = 2  # 2: inputs are identified by (size, mtime_ns) up front, by sha256 once rendered
 SPLITS = ("train", "valid")
 REJECT_EXAMPLES = 5
-
+DATASET_FILES = [f"{split}/{name}.{ext}" for split in SPLITS for name in ("tokens", "spans") for ext in ("bin", "idx")]
 
 @dataclass
 class DataSection:
@@ -82,6 +93,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not glob.has_magic(pattern) and Path(pattern).is_dir():
+            raise UserError(f"data.inputs: {pattern!r} is a directory; name its files (e.g. '{pattern}/*.jsonl')")
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
             raise UserError(f"data.inputs: {pattern!r} matches no file")
@@ -91,24 +104,94 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def build(data: DataSection) -> Path:
     out = Path(data.out)
-    if out.exists():
-        raise UserError(f"dataset directory {out} already exists: remove it or set data.out to a new directory")
+    _check_out(out)
     inputs = expand_inputs(data.inputs)
     partial = out.with_name(out.name + ".partial")
+    created = _make_partial(partial)
+    try:
+        with lock_dir(partial, "the data build"):
+            return _build(data, out, partial, inputs)
+    except OSError as e:
+        raise _write_failed(e, partial) from None
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                partial.rmdir()  # only when the build stopped before writing anything
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"dataset directory {out} already exists: remove it or set data.out to a new directory")
+    if out.exists():
+        raise UserError(f"data.out {out} is a file: set data.out to a new directory")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"data.out {out}: {parent} is a file, not a directory")
+
+
+def _make_partial(partial: Path) -> bool:
+    """Create the build's working directory if it is missing; True when this call created it."""
+    if partial.is_dir():
+        return False
+    try:
+        partial.mkdir(parents=True)
+    except FileExistsError:
+        if partial.is_dir():
+            return False  # another build created it first (the lock sorts out which one goes on)
+        raise UserError(f"{partial} is a file: remove it or set data.out to another directory") from None
+    except OSError as e:
+        raise UserError(f"cannot create {partial} ({e.strerror}): set data.out to a directory you can write "
+                        f"to") from None
+    return True
+
+
+def _build(data: DataSection, out: Path, partial: Path, inputs: list[Path]) -> Path:
+    _check_out(out)  # again, now that this process holds the partial directory: another build may have finished
     identity = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("workers", "out", "inputs")}
     plan = {"version": PLAN_VERSION, "config": identity, "inputs": [_file_identity(p) for p in inputs]}
     shards = partial / "shards"
     _start_or_resume(partial, plan, inputs)
 
     todo = [i for i in range(len(inputs)) if not (shards / f"{i:05d}" / "stats.json").exists()]
-    _run_shards(todo, inputs, data, shards, sum(plan["inputs"][i]["size"] for i in todo))
+    try:
+        _run_shards(todo, inputs, data, shards, sum(plan["inputs"][i]["size"] for i in todo))
+    except UserError as e:
+        done = sum((shards / f"{i:05d}" / "stats.json").exists() for i in range(len(inputs)))
+        raise UserError(f"{e}. The build stopped; {partial} keeps the {done} of {len(inputs)} input files rendered "
+                        f"so far: fix the input and run the same command to resume, or remove {partial}") from None
 
-    manifest = _merge(partial, shards, inputs, data)
-    provenance.atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(shards)
-    (partial / "plan.json").unlink()
-    partial.rename(out)
+    summary = _gather(shards, inputs, data, partial)
+    if not any(summary["splits"][split]["samples"] for split in SPLITS):
+        _remove(partial)
+        records = summary["records"]
+        raise UserError(f"nothing to build: the {len(inputs)} input file(s) hold {records['read']} records, "
+                        f"{records['accepted']} accepted: check data.inputs and data.format (nothing was written)")
+    stage = partial / "dataset"  # the dataset takes shape here, away from files that are not part of it
+    if stage.exists():
+        shutil.rmtree(stage)  # a merge that was interrupted
+    stage.mkdir()
+    _write_splits(stage, shards, len(inputs))
+    manifest = _manifest(summary, data, file_records(stage, DATASET_FILES))
+    provenance.atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    stage.rename(out)
+    _remove(partial)
     return out
+
+
+def _write_failed(e: OSError, partial: Path) -> RunError:
+    what = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"no space left for the build in {partial}{what}: free some space on that device and run "
+                        f"the same command to resume")
+    return RunError(f"the build in {partial} could not go on: {e.strerror or e}{what}; fix that and run the same "
+                    f"command to resume, or remove {partial} to start over")
+
+
+def _remove(directory: Path) -> None:
+    """Remove a directory this build wrote, renamed aside first so that its name is free at once."""
+    aside = directory.with_name(f".{directory.name}.removing{os.getpid()}")
+    os.replace(directory, aside)
+    shutil.rmtree(aside)
 
 
 def _file_identity(path: Path) -> dict:
@@ -116,37 +199,62 @@ def _file_identity(path: Path) -> dict:
     return {"name": provenance.portable_name(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _failed_mark(shards: Path, index: int) -> Path:
+    return shards / f"{index:05d}.failed"
+
+
 def _start_or_resume(partial: Path, plan: dict, inputs: list[Path]) -> None:
     plan_file = partial / "plan.json"
-    if not partial.exists():
-        (partial / "shards").mkdir(parents=True)
-        provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
-        return
     if not plan_file.exists():
-        raise UserError(f"{partial} exists but is not a build in progress: remove it")
-    previous = json.loads(plan_file.read_text())
+        if any(not p.name.startswith(".") for p in partial.iterdir()):
+            raise UserError(f"{partial} exists but is not a build in progress: remove it")
+        provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
+        (partial / "shards").mkdir(exist_ok=True)
+        return
+    previous = _read_json(plan_file, partial)
+    if not isinstance(previous, dict) or not isinstance(previous.get("config"), dict) \
+            or not isinstance(previous.get("inputs"), list) \
+            or not all(isinstance(entry, dict) and "name" in entry for entry in previous["inputs"]):
+        raise _cannot_resume(partial, f"{plan_file} is damaged")
     if previous.get("version") != PLAN_VERSION:
         raise _cannot_resume(partial, "another vpmoe version started it")
     names = lambda p: [entry["name"] for entry in p["inputs"]]
     if previous["config"] != plan["config"] or names(previous) != names(plan):
         raise _cannot_resume(partial, "the config or the input list changed")
     # A rendered shard is reused only if its file still has the sha256 it was rendered from; a file not rendered
-    # yet must still have the size and mtime it had when the build started.
-    changed = []
+    # yet must still have the size and mtime it had when the build started, unless its schema error stopped the
+    # build (then the file is expected to change: it was fixed).
+    changed, fixed = [], []
     for i, (path, before, now) in enumerate(zip(inputs, previous["inputs"], plan["inputs"])):
         stats = partial / "shards" / f"{i:05d}" / "stats.json"
         if stats.exists():
-            if provenance.file_sha256(path) != json.loads(stats.read_text())["sha256"]:
+            if provenance.file_sha256(path) != _read_json(stats, partial).get("sha256"):
                 changed.append(now["name"])
         elif before != now:
-            changed.append(now["name"])
+            if _failed_mark(partial / "shards", i).exists():
+                fixed.append(i)
+            else:
+                changed.append(now["name"])
     if changed:
         raise _cannot_resume(partial, f"input files changed: {changed}")
+    if fixed:
+        for i in fixed:
+            previous["inputs"][i] = plan["inputs"][i]
+        provenance.atomic_write_text(plan_file, json.dumps(previous, indent=2) + "\n")
+    (partial / "shards").mkdir(exist_ok=True)
     print(f"resuming the build in {partial}")
 
 
 def _cannot_resume(partial: Path, why: str) -> UserError:
     return UserError(f"cannot resume the build in {partial}: {why}. Remove {partial} to start over")
+
+
+def _read_json(path: Path, partial: Path):
+    """A JSON file of the build in progress; a damaged one means the build cannot be resumed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _cannot_resume(partial, f"{path} is damaged") from None
 
 
 def _run_shards(todo: list[int], inputs: list[Path], data: DataSection, shards: Path, total_bytes: int) -> None:
@@ -205,7 +313,17 @@ def _drain(progress, bar) -> None:
 
 
 def render_shard(index: int, path: str, data: DataSection, system: list[int], shards: Path, progress) -> None:
-    """Render one input file into `shards/NNNNN/`: per split, packed or unpacked samples ready to append."""
+    """Render one input file into `shards/NNNNN/`: per split, packed or unpacked samples ready to append. A schema
+    error in the file leaves the mark `NNNNN.failed`, so that a resumed build accepts the fixed file."""
+    try:
+        _render_shard(index, path, data, system, shards, progress)
+    except UserError:
+        _failed_mark(shards, index).touch()
+        raise
+    _failed_mark(shards, index).unlink(missing_ok=True)
+
+
+def _render_shard(index: int, path: str, data: DataSection, system: list[int], shards: Path, progress) -> None:
     renderer = HarmonyRenderer(data.reasoning_effort, system)
     docs = {split: ([], []) for split in SPLITS}  # split -> (token arrays, span arrays)
     seen: dict[str, int] = {}
@@ -294,7 +412,8 @@ def pack(tokens: np.ndarray, spans: np.ndarray, lengths: np.ndarray, seq_len: in
     return packed_tokens, packed_spans, sample_lengths
 
 
-def _merge(partial: Path, shards: Path, inputs: list[Path], data: DataSection) -> dict:
+def _gather(shards: Path, inputs: list[Path], data: DataSection, partial: Path) -> dict:
+    """Add up the shards' stats (and check record ids across them) before anything is merged."""
     first_seen: dict[str, int] = {}  # record id -> index of the first input that has it
     rejects: dict[str, dict] = {}
     truncated: dict[str, int] = {}
@@ -304,15 +423,18 @@ def _merge(partial: Path, shards: Path, inputs: list[Path], data: DataSection) -
     input_list = []
     shard_dirs = [shards / f"{i:05d}" for i in range(len(inputs))]
     for i, (path, directory) in enumerate(zip(inputs, shard_dirs)):
-        ids = json.loads((directory / "ids.json").read_text())
+        ids = _read_json(directory / "ids.json", partial)
         if not first_seen.keys().isdisjoint(ids):
             record_id = min(first_seen.keys() & ids.keys(), key=ids.get)
             j = first_seen[record_id]
-            line = json.loads((shard_dirs[j] / "ids.json").read_text())[record_id]
-            raise UserError(f"{path}:{ids[record_id]}: duplicate record id {record_id!r} (also at {inputs[j]}:{line})")
+            line = _read_json(shard_dirs[j] / "ids.json", partial)[record_id]
+            raise UserError(f"{path}:{ids[record_id]}: duplicate record id {record_id!r} (also at {inputs[j]}:{line}). "
+                            f"Fix the inputs, then remove {partial} and build again")
         first_seen.update(dict.fromkeys(ids, i))
-        stats = json.loads((directory / "stats.json").read_text())
+        stats = _read_json(directory / "stats.json", partial)
         records += stats["records"]
+        if stats["records"] == 0:
+            print(f"warning: {path} holds no records", file=sys.stderr)
         name = provenance.portable_name(path)
         input_list.append({"name": name, "sha256": stats["sha256"], "records": stats["records"]})
         for reason, entry in stats["rejects"].items():
@@ -328,19 +450,38 @@ def _merge(partial: Path, shards: Path, inputs: list[Path], data: DataSection) -
             for key in ("samples", "documents", "tokens"):
                 splits[split][key] += s[key]
             splits[split]["span_tokens"] = [a + b for a, b in zip(splits[split]["span_tokens"], s["span_tokens"])]
-
     for split in SPLITS:
-        (partial / split).mkdir(exist_ok=True)
-        with IndexedWriter(partial / split / "tokens", np.int32) as tokens, \
-                IndexedWriter(partial / split / "spans", np.uint8) as spans:
-            for directory in shard_dirs:
+        span_tokens = splits[split].pop("span_tokens")
+        splits[split]["span_tokens"] = {SPAN_NAMES[i]: n for i, n in enumerate(span_tokens)}
+    rejected = sum(r["count"] for r in rejects.values())
+    return {
+        "records": {"read": records, "accepted": records - rejected, "rejected": rejected},
+        "rejects": rejects, "truncated": truncated, "splits": splits, "facets": facets, "inputs": input_list,
+    }
+
+
+def _write_splits(stage: Path, shards: Path, n_inputs: int) -> None:
+    """Concatenate the shards' samples, in input order, into each split's IndexedDataset files."""
+    for split in SPLITS:
+        (stage / split).mkdir()
+        with IndexedWriter(stage / split / "tokens", np.int32) as tokens, \
+                IndexedWriter(stage / split / "spans", np.uint8) as spans:
+            for i in range(n_inputs):
+                directory = shards / f"{i:05d}"
                 lengths = np.load(directory / f"{split}_lengths.npy")
                 tokens.add_file(directory / f"{split}_tokens.bin", lengths)
                 spans.add_file(directory / f"{split}_spans.bin", lengths)
-        span_tokens = splits[split].pop("span_tokens")
-        splits[split]["span_tokens"] = {SPAN_NAMES[i]: n for i, n in enumerate(span_tokens)}
 
-    rejected = sum(r["count"] for r in rejects.values())
+
+def file_records(root: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files under `root` (as manifests record them), hashed in parallel threads."""
+    paths = [root / name for name in names]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
+        digests = list(pool.map(provenance.file_sha256, paths))
+    return {name: {"bytes": path.stat().st_size, "sha256": digest} for name, path, digest in zip(names, paths, digests)}
+
+
+def _manifest(summary: dict, data: DataSection, files: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "format": data.format,
@@ -350,14 +491,15 @@ def _merge(partial: Path, shards: Path, inputs: list[Path], data: DataSection) -
         "valid_fraction": data.valid_fraction,
         "split_rule": SPLIT_RULE,
         "eod_token": tk.EOD,
-        "records": {"read": records, "accepted": records - rejected, "rejected": rejected},
-        "rejects": rejects,
-        "truncated": truncated,
-        "splits": splits,
-        "facets": facets,
-        "inputs": input_list,
+        "records": summary["records"],
+        "rejects": summary["rejects"],
+        "truncated": summary["truncated"],
+        "splits": summary["splits"],
+        "facets": summary["facets"],
+        "inputs": summary["inputs"],
+        "files": files,
         "provenance": provenance.record(
             "dataset", config.config_hash(BuildConfig(data)),
-            inputs=[{"name": e["name"], "sha256": e["sha256"]} for e in input_list],
+            inputs=[{"name": e["name"], "sha256": e["sha256"]} for e in summary["inputs"]],
         ),
     }

@@ -4,6 +4,10 @@
 document count u64, sequence lengths int32[n], sequence byte offsets int64[n], document indices int64[d]
 (sequence index where each document starts, with a leading 0 and the total at the end). `.bin` holds the
 sequences back to back. Every sequence here is its own document.
+
+The reader checks a pair of files when it opens them: the index's size against its header, its offsets against
+its lengths, and the `.bin` size against the bytes the index describes. A damaged or truncated file is a UserError
+naming it, never a short or shifted sample later.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vpmoe.errors import UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {
@@ -22,6 +28,7 @@ DTYPE_CODES = {
     np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8,
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+HEADER = len(MAGIC) + 8 + 1 + 8 + 8
 
 
 class IndexedWriter:
@@ -50,8 +57,10 @@ class IndexedWriter:
         """Append several sequences stored back to back in the raw file `path` (values of this writer's dtype)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         with open(path, "rb") as src:
-            if os.fstat(src.fileno()).st_size != int(np.sum(lengths)) * self.dtype.itemsize:
-                raise ValueError(f"{path}: the file size does not match the sequence lengths")
+            size, expected = os.fstat(src.fileno()).st_size, int(np.sum(lengths)) * self.dtype.itemsize
+            if size != expected:
+                raise UserError(f"{path} is {size} bytes, but its sequence lengths need {expected}: the file is "
+                                f"damaged")
             _append(src, self._bin)
         self._lengths.append(lengths)
 
@@ -102,26 +111,39 @@ class IndexedReader:
 
     def __init__(self, prefix: str | Path) -> None:
         prefix = Path(prefix)
-        idx = prefix.with_suffix(".idx")
+        idx, bin_path = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+        for path in (idx, bin_path):
+            if not path.is_file():
+                raise UserError(f"{path} is missing")
+        size = idx.stat().st_size
         with open(idx, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise ValueError(f"{idx}: not a Megatron IndexedDataset index")
-            (version,) = struct.unpack("<Q", f.read(8))
-            if version != VERSION:
-                raise ValueError(f"{idx}: unsupported index version {version}")
-            (code,) = struct.unpack("<B", f.read(1))
-            (n,) = struct.unpack("<Q", f.read(8))
-            (d,) = struct.unpack("<Q", f.read(8))
-            offset = f.tell()
+            header = f.read(HEADER)
+        if len(header) < HEADER or header[: len(MAGIC)] != MAGIC:
+            raise UserError(f"{idx} is not a Megatron IndexedDataset index (damaged or another file)")
+        version, code, n, d = struct.unpack("<QBQQ", header[len(MAGIC) :])
+        if version != VERSION:
+            raise UserError(f"{idx}: unsupported index version {version}")
+        if code not in CODE_DTYPES:
+            raise UserError(f"{idx}: unknown dtype code {code}: the index is damaged")
+        expected = HEADER + 12 * n + 8 * d
+        if size != expected:
+            raise UserError(f"{idx} is {size} bytes, but its header describes {n} sequences, which take {expected}: "
+                            f"the index is truncated or damaged")
         index = np.memmap(idx, mode="r", dtype=np.uint8)
         self.dtype = CODE_DTYPES[code]
-        self.lengths = np.frombuffer(index, dtype=np.int32, count=n, offset=offset)
-        self.pointers = np.frombuffer(index, dtype=np.int64, count=n, offset=offset + 4 * n)
-        self.document_indices = np.frombuffer(index, dtype=np.int64, count=d, offset=offset + 12 * n)
-        bin_path = prefix.with_suffix(".bin")
-        self.data = (
-            np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_path.stat().st_size else np.zeros(0, self.dtype)
-        )
+        self.lengths = np.frombuffer(index, dtype=np.int32, count=n, offset=HEADER)
+        self.pointers = np.frombuffer(index, dtype=np.int64, count=n, offset=HEADER + 4 * n)
+        self.document_indices = np.frombuffer(index, dtype=np.int64, count=d, offset=HEADER + 12 * n)
+        want, have = _back_to_back(self.lengths, self.pointers, self.dtype.itemsize), bin_path.stat().st_size
+        if want is None:
+            raise UserError(f"{idx}: its byte offsets do not follow from its sequence lengths: the index is damaged")
+        if have != want:
+            raise UserError(
+                f"{bin_path} is {have} bytes, but {idx.name} describes {n} sequences of {want // self.dtype.itemsize} "
+                f"{self.dtype} values, {want} bytes: the file is {'truncated' if have < want else 'too long'}; restore "
+                f"it (`vpmoe data verify DIR` checks a whole dataset), or build (or score) the dataset again"
+            )
+        self.data = np.memmap(bin_path, mode="r", dtype=self.dtype) if want else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -133,3 +155,15 @@ class IndexedReader:
     @property
     def total(self) -> int:
         return int(self.lengths.sum(dtype=np.int64))
+
+
+def _back_to_back(lengths: np.ndarray, pointers: np.ndarray, itemsize: int, block: int = 1 << 22) -> int | None:
+    """The bytes the sequences take when they lie back to back from offset 0, as the index says; None if not."""
+    offset = 0
+    for first in range(0, len(lengths), block):
+        sizes = lengths[first : first + block].astype(np.int64) * itemsize
+        starts = offset + np.cumsum(sizes) - sizes
+        if sizes.min() < 0 or not np.array_equal(pointers[first : first + block], starts):
+            return None
+        offset = int(starts[-1] + sizes[-1])
+    return offset

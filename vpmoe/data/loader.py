@@ -33,25 +33,56 @@ class Batch:
         return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
 
 
+MANIFEST_KEYS = ("format", "seq_len", "pack", "reasoning_effort", "records", "rejects", "truncated", "splits")
+
+
 def read_manifest(dataset: str | Path) -> dict:
-    path = Path(dataset) / "manifest.json"
+    """A dataset's manifest, or a UserError saying why the directory is not a usable dataset."""
+    root = Path(dataset)
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise UserError(f"dataset {root} {what} (a dataset is the directory `vpmoe data build` writes)")
+    path = root / "manifest.json"
     if not path.is_file():
         raise UserError(f"{dataset} is not a built dataset (no manifest.json); build it with `vpmoe data build`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}): restore it or build the dataset again") from None
+    if not isinstance(manifest, dict):
+        manifest = {}
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    splits = manifest.get("splits")
+    if not missing and not (isinstance(splits, dict) and all(
+            isinstance(s, dict) and {"samples", "tokens"} <= s.keys() for s in splits.values())):
+        missing = ["the splits' counts"]
+    if missing:
+        raise UserError(f"{path} is not a dataset manifest (it lacks {', '.join(missing)}): restore it or build the "
+                        f"dataset again")
+    return manifest
 
 
 class SplitReader:
-    """Random access to one split: tokens and spans of sample i."""
+    """Random access to one split: tokens and spans of sample i. Opening it checks the split's files against each
+    other and against the manifest's counts."""
 
     def __init__(self, dataset: str | Path, split: str):
         root = Path(dataset) / split
         self.manifest = read_manifest(dataset)
-        if not (root / "tokens.idx").is_file():
+        recorded = self.manifest["splits"].get(split)
+        if recorded is None or not (root / "tokens.idx").is_file():
             raise UserError(f"{dataset} has no split {split!r}")
         self.tokens = IndexedReader(root / "tokens")
         self.spans = IndexedReader(root / "spans")
+        for reader, name, dtype in ((self.tokens, "tokens", np.int32), (self.spans, "spans", np.uint8)):
+            if reader.dtype != np.dtype(dtype):
+                raise UserError(f"{root / name}.idx: dtype {reader.dtype}, expected {np.dtype(dtype)}")
         if not np.array_equal(self.tokens.lengths, self.spans.lengths):
             raise UserError(f"{root}: tokens and spans have different sample lengths")
+        if (len(self.tokens), self.tokens.total) != (recorded["samples"], recorded["tokens"]):
+            raise UserError(f"{root}/tokens.idx holds {len(self.tokens)} samples, {self.tokens.total} tokens, but the "
+                            f"manifest records {recorded['samples']} samples, {recorded['tokens']} tokens: these are "
+                            f"not the files this dataset was built with; restore them or build the dataset again")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -67,13 +67,16 @@ def _read_jsonl(path: Path, digest) -> Reader:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                # json's messages for some errors end in "at" ("Unterminated string starting at").
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg.removesuffix(' at')} at column "
+                                f"{e.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
             yield number, record, len(raw)
 
 
 def _read_parquet(path: Path, digest) -> Reader:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if digest is not None:  # pyarrow reads the footer first, so the file is hashed in a pass of its own
@@ -86,8 +89,19 @@ def _read_parquet(path: Path, digest) -> Reader:
     rows = max(table.metadata.num_rows, 1)
     per_row = path.stat().st_size / rows
     number = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            number += 1
-            yield number, record, int(per_row)
+    for group in range(table.num_row_groups):
+        first, size = number + 1, table.metadata.row_group(group).num_rows
+        batches = table.iter_batches(batch_size=4096, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:  # a damaged page: decompression, decoding, a bad header
+                why = " ".join(str(e).split())  # pyarrow's messages span several lines
+                raise UserError(f"{path}: row group {group} (rows {first}-{first + size - 1}) cannot be read ({why}): "
+                                f"the file is damaged; restore or remove it") from None
+            if batch is None:
+                break
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record, int(per_row)
 

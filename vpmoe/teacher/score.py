@@ -5,14 +5,17 @@ every r-th unfinished shard; each shard is scored document by document (length-b
 and written to `<dataset>/teacher.partial/shards/<split>/NNNNNN/` through a temporary directory and a rename, so
 a shard directory is always complete and an interrupted run resumes at shard granularity. After a barrier, rank
 0 merges the shards in order into `<dataset>/<split>/teacher/` (staged beside it, then renamed), records the
-`teacher` section of the dataset manifest (atomically), and removes the partial directory. Shard contents are a
-function of the shard and the config alone, so a resumed run writes the same bytes as an uninterrupted one.
+`teacher` section of the dataset manifest (atomically, with each sidecar file's size and sha256 for
+`vpmoe data verify`), and removes the partial directory. Shard contents are a function of the shard and the config
+alone, so a resumed run writes the same bytes as an uninterrupted one. Rank 0 holds `teacher.partial` locked for
+the whole run: a second scoring run of the same dataset is refused.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -25,9 +28,11 @@ import torch
 from tqdm import tqdm
 
 from vpmoe import config, distributed, provenance
+from vpmoe.artifacts.lock import lock_dir
+from vpmoe.data.build import file_records
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
 from vpmoe.data.loader import SplitReader, read_manifest
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.teacher import load
 from vpmoe.teacher.config import ScoreConfig, value_identity
@@ -101,6 +106,7 @@ def _score(cfg: ScoreConfig, config_hash: str, ranks: distributed.Ranks) -> dict
     for split in cfg.teacher.splits:
         if split not in manifest.get("splits", {}):
             raise UserError(f"teacher.splits: {dataset} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        SplitReader(dataset, split)  # checks the split's files against their indexes and the manifest
     load.check_vocabulary(cfg.teacher.path)
     plan = json.loads(json.dumps({
         "schema_version": SCHEMA_VERSION,
@@ -109,28 +115,51 @@ def _score(cfg: ScoreConfig, config_hash: str, ranks: distributed.Ranks) -> dict
         "dataset": {"provenance_sha256": provenance_sha256(manifest)},
     }))
     partial = dataset / PARTIAL
-    distributed.agree(ranks, lambda: _start_or_resume(partial, plan, dataset, manifest, cfg.score.overwrite))
-    if json.loads((partial / "plan.json").read_text()) != plan:
-        raise UserError(f"rank {ranks.rank}: its config or teacher differs from rank 0's plan in {partial}")
-
-    shards = _shards(dataset, cfg.teacher.splits, cfg.score.shard_samples)
-    todo = [s for s in shards if not s.done(partial)]
-    mine = todo[ranks.rank :: ranks.world_size]
-    distributed.barrier(ranks)  # every rank has listed the unfinished shards before any is written
-    if mine:
-        _score_shards(cfg, ranks, dataset, partial, mine)
-    distributed.barrier(ranks)
-    section = _merge(cfg, config_hash, dataset, partial, shards) if ranks.is_main else None
-    distributed.barrier(ranks)
+    with contextlib.ExitStack() as held:  # rank 0's lock on the partial directory, until the run is over
+        try:
+            distributed.agree(ranks, lambda: _start_or_resume(partial, plan, dataset, cfg.score.overwrite, held))
+            if _read_plan(partial) != plan:
+                raise UserError(f"rank {ranks.rank}: its config or teacher differs from rank 0's plan in {partial}")
+            shards = _shards(dataset, cfg.teacher.splits, cfg.score.shard_samples)
+            todo = [s for s in shards if not s.done(partial)]
+            mine = todo[ranks.rank :: ranks.world_size]
+            distributed.barrier(ranks)  # every rank has listed the unfinished shards before any is written
+            if mine:
+                _score_shards(cfg, ranks, dataset, partial, mine)
+            distributed.barrier(ranks)
+            section = _merge(cfg, config_hash, dataset, partial, shards) if ranks.is_main else None
+            distributed.barrier(ranks)
+        except OSError as e:
+            raise _write_failed(e, partial) from None
     return section
 
 
-def _start_or_resume(partial: Path, plan: dict, dataset: Path, manifest: dict, overwrite: bool) -> None:
+def _write_failed(e: OSError, partial: Path) -> RunError:
+    what = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"no space left for the teacher scoring run in {partial}{what}: free some space on that "
+                        f"device and run the same command to resume")
+    return RunError(f"the teacher scoring run in {partial} could not go on: {e.strerror or e}{what}; fix that and run "
+                    f"the same command to resume")
+
+
+def _read_plan(partial: Path):
     plan_file = partial / "plan.json"
-    if partial.exists():
-        if not plan_file.is_file():
-            raise UserError(f"{partial} exists but is not a teacher scoring run in progress: remove it")
-        previous = json.loads(plan_file.read_text())
+    try:
+        return json.loads(plan_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"cannot resume the scoring run in {partial}: {plan_file} is damaged. Remove {partial} to "
+                        f"start over") from None
+
+
+def _start_or_resume(partial: Path, plan: dict, dataset: Path, overwrite: bool, held: contextlib.ExitStack) -> None:
+    held.enter_context(lock_dir(partial, "the teacher scoring run"))
+    plan_file = partial / "plan.json"
+    if plan_file.is_file():
+        previous = _read_plan(partial)
+        if not isinstance(previous, dict):
+            raise UserError(f"cannot resume the scoring run in {partial}: {plan_file} is damaged. Remove {partial} "
+                            f"to start over")
         if previous != plan:
             changed = [key for key in plan if previous.get(key) != plan[key]]
             raise UserError(
@@ -139,6 +168,9 @@ def _start_or_resume(partial: Path, plan: dict, dataset: Path, manifest: dict, o
             )
         print(f"resuming the teacher scoring run in {partial}")
         return
+    if any(not p.name.startswith(".") for p in partial.iterdir()):
+        raise UserError(f"{partial} exists but is not a teacher scoring run in progress: remove it")
+    manifest = read_manifest(dataset)  # again, under the lock: another run may have finished meanwhile
     existing = [split for split in manifest.get("splits", {}) if sidecar_dir(dataset, split).exists()]
     if (manifest.get("teacher") or existing) and not overwrite:
         name = (manifest.get("teacher") or {}).get("teacher", {}).get("name", "unknown")
@@ -146,8 +178,8 @@ def _start_or_resume(partial: Path, plan: dict, dataset: Path, manifest: dict, o
             f"{dataset} already has a teacher sidecar (teacher {name}); set score.overwrite = true "
             f"(--set score.overwrite=true) to replace it"
         )
-    (partial / "shards").mkdir(parents=True)
     provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
+    (partial / "shards").mkdir(exist_ok=True)
 
 
 def _shards(dataset: Path, splits: list[str], shard_samples: int) -> list[Shard]:
@@ -294,11 +326,6 @@ def write_shard(partial: Path, shard: Shard, docs: Documents, result: ShardResul
     os.rename(tmp, final)
 
 
-def _hash_files(paths: list[Path]) -> list[str]:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-        return list(pool.map(provenance.file_sha256, paths))
-
-
 def _merge(cfg: ScoreConfig, config_hash: str, dataset: Path, partial: Path, shards: list[Shard]) -> dict:
     missing = [f"{s.split}/{s.index}" for s in shards if not s.done(partial)]
     if missing:
@@ -368,7 +395,9 @@ def _merge(cfg: ScoreConfig, config_hash: str, dataset: Path, partial: Path, sha
         stage.rename(sidecar_dir(dataset, split))
     manifest["teacher"] = section
     provenance.atomic_write_text(dataset / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(partial)
+    aside = partial.with_name(f".{partial.name}.removing{os.getpid()}")  # the name is free at once
+    os.replace(partial, aside)
+    shutil.rmtree(aside)
     return section
 
 
@@ -393,8 +422,6 @@ def _split_section(dataset: Path, split: str, stage: Path, stats: list[dict], da
     }
     sidecar_files = sorted(p for p in stage.iterdir() if p.suffix in (".bin", ".idx"))
     size = sum(p.stat().st_size for p in sidecar_files)
-    idx_files = [p for p in sidecar_files if p.suffix == ".idx"]
-    dataset_files = [dataset / split / "tokens.bin", dataset / split / "spans.bin"]
     tokens = reader.tokens.total
     return {
         "samples": sum(s["samples"] for s in stats),
@@ -409,6 +436,7 @@ def _split_section(dataset: Path, split: str, stage: Path, stats: list[dict], da
         "mean_topk_mass": (sum(t["sum_topk_mass"] for t in spans.values()) / supervised) if supervised else None,
         "mean_entropy": (sum(t["sum_entropy"] for t in spans.values()) / supervised) if supervised else None,
         "spans": span_means,
-        "index_sha256": dict(zip((p.name for p in idx_files), _hash_files(idx_files))),
-        "dataset_files": dict(zip((p.name for p in dataset_files), _hash_files(dataset_files))),
+        "files": file_records(stage, [p.name for p in sidecar_files]),
+        "dataset_files": {name: record["sha256"]
+                          for name, record in file_records(dataset / split, ["tokens.bin", "spans.bin"]).items()},
     }

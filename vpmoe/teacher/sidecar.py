@@ -58,6 +58,14 @@ def supervised_counts(spans: IndexedReader, block: int = 4096) -> np.ndarray:
     return counts
 
 
+def _complete(section) -> bool:
+    """Whether a manifest's teacher section has what the reader relies on."""
+    return (isinstance(section, dict) and isinstance(section.get("k"), int)
+            and isinstance(section.get("dataset"), dict) and "provenance_sha256" in section["dataset"]
+            and isinstance(section.get("splits"), dict)
+            and all(isinstance(s, dict) and {"samples", "supervised"} <= s.keys() for s in section["splits"].values()))
+
+
 @dataclass
 class SampleTeacher:
     """The teacher's view of one sample: entry r belongs to input position `positions[r]` (predicting the next)."""
@@ -82,14 +90,20 @@ class TeacherSidecar:
         section = manifest.get("teacher")
         if not section:
             raise UserError(f"{dataset} has no teacher sidecar: score it with `vpmoe teacher score`")
+        if not _complete(section):
+            raise UserError(f"{self.dataset / 'manifest.json'}: its teacher section is damaged: restore the manifest "
+                            f"or score the dataset again")
         if split not in section["splits"]:
             raise UserError(f"{dataset}: the teacher sidecar covers {sorted(section['splits'])}, not {split!r}")
         self.section = section
         self.k = int(section["k"])
+        self.recorded = section["splits"][split]
         root = sidecar_dir(dataset, split)
         for name in FILES:
-            if not (root / f"{name}.idx").is_file():
-                raise UserError(f"{root}: {name}.idx is missing: the sidecar is incomplete; score the dataset again")
+            for suffix in (".idx", ".bin"):
+                if not (root / f"{name}{suffix}").is_file():
+                    raise UserError(f"{root}: {name}{suffix} is missing: the sidecar is incomplete; score the dataset "
+                                    f"again")
         self.topk_ids = IndexedReader(root / "topk_ids")
         self.topk_logprobs = IndexedReader(root / "topk_logprobs")
         self.target_logprob = IndexedReader(root / "target_logprob")
@@ -118,8 +132,11 @@ class TeacherSidecar:
         for name in ("topk_ids", "topk_logprobs"):
             if not np.array_equal(getattr(self, name).lengths, counts * self.k):
                 raise UserError(f"{where}/{name}: lengths are not K = {self.k} times the supervised counts")
-        if int(counts.sum()) != self.section["splits"][self.split]["supervised"]:
+        if int(counts.sum()) != self.recorded["supervised"]:
             raise UserError(f"{where}: supervised total differs from the manifest's teacher section")
+        if len(self.data) != self.recorded["samples"]:
+            raise UserError(f"{where}: {len(self.data)} samples, but the manifest's teacher section records "
+                            f"{self.recorded['samples']}")
         if deep:
             for name, digest in self.section["splits"][self.split]["dataset_files"].items():
                 if file_sha256(self.dataset / self.split / name) != digest:
