@@ -15,6 +15,7 @@ PACKAGE = Path(vpmoe.__file__).resolve().parent
 RANKS = {
     "__init__": 0, "errors": 0, "spans": 0,  # __init__: the package root holds only the version
     "config": 1, "tokenizer": 1, "distributed": 1, "artifacts.files": 1, "artifacts.lock": 1,
+    "artifacts.__init__": 1,
     "provenance": 2, "artifacts.weights": 2, "artifacts.checkpoints": 2,
     "data": 3, "model": 3,
     "optim": 4,
@@ -52,9 +53,14 @@ def vpmoe_imports(path: Path) -> list[tuple[int, str]]:
             else:
                 module = node.module or ""
             if module.split(".")[0] == "vpmoe":
-                targets = [module] if module != "vpmoe" else [f"vpmoe.{a.name}" for a in node.names]
-                found += [(node.lineno, t) for t in targets]
+                found += [(node.lineno, _submodule(module, a.name)) for a in node.names]
     return found
+
+
+def _submodule(module: str, name: str) -> str:
+    """`from module import name` imports the submodule `module.name` when there is one, else from `module`."""
+    folder = PACKAGE.joinpath(*module.split(".")[1:])
+    return f"{module}.{name}" if (folder / f"{name}.py").is_file() or (folder / name).is_dir() else module
 
 
 def production_files() -> list[Path]:
