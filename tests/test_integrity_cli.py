@@ -183,7 +183,7 @@ CASES = {
                                                           (d / "teacher.partial" / "plan.json").write_text("{"))),
                                  2, "plan.json is damaged. Remove"),
     "score: read-only dataset": (score_case(read_only), 2, "teacher.partial (Read-only file system)"),
-    "score: no teacher": (score_case(teacher="/nonexistent/teacher"), 2, "is not a directory"),
+    "score: no teacher": (score_case(teacher="/nonexistent/teacher"), 2, "does not exist"),
     "score: full disk": (score_case(lambda d, m: full_disk(m)), 1, "no space left for the teacher scoring run"),
     "score: --set of an unknown key": (lambda w, t, m: score_case()(w, t, m) + ["--set", "score.speed=3"], 2,
                                        "--set 'score.speed=3': unknown key 'score.speed'"),
