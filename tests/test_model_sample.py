@@ -34,7 +34,7 @@ def prompts_of(*lengths, seed=1):
 
 def full_logits(model, prompt, completion):
     """Logits [len(completion), V] that predict each completion token, from one forward over the whole row."""
-    ids = torch.tensor([prompt + completion])
+    ids = torch.tensor([prompt + completion], device=model.head.weight.device)
     return model(ids).logits[0, len(prompt) - 1:-1]
 
 
