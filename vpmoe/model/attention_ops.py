@@ -90,9 +90,11 @@ def decode_attention(
     return out.view(batch, n_heads, 1, dim).to(q.dtype)
 
 
+@torch.compiler.disable  # Inductor mislowers bmm with out_dtype (torch 2.11: wrong greedy decodes, or no GEMM choice)
 def _wide_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 (or wider) output; on CUDA, low-precision operands go to cuBLAS as they are (fp32
-    accumulation and output), without upcast copies of the cache."""
+    accumulation and output), without upcast copies of the cache. Always eager: a compiled decode step calls it
+    between its compiled parts (the step's CUDA graph captures both)."""
     wide = torch.promote_types(a.dtype, torch.float32)
     if a.dtype != wide and a.is_cuda:
         return torch.bmm(a, b, out_dtype=wide)
