@@ -1,6 +1,7 @@
 """Sampler: greedy equals `generate`, log-probs equal a full forward (float64), draws follow the softmax (chi-square),
 top-k/top-p supports, stop tokens, bitwise reproducibility, batch = alone; on CUDA, graph/compiled = eager."""
 
+import copy
 import math
 import warnings
 
@@ -259,25 +260,44 @@ def gpu_model(n_layers=6):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("mode", ["graph", "compile"])
-def test_graph_and_compiled_decode_equal_eager_decode(mode):
+def test_graph_decode_equals_eager_decode():
+    """Graph replay runs the eager step's kernels: the same tokens and log-probs, bitwise."""
     torch._dynamo.reset()
     model = gpu_model()
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (20, 9, 33, 1)]
     shape = dict(batch_size=4, max_prompt_len=40, max_new_tokens=24)
     eager = Sampler(model, **shape).sample(prompts, temperature=0, stop_ids=())
-    fast = Sampler(model, mode=mode, **shape).sample(prompts, temperature=0, stop_ids=())
+    graph = Sampler(model, mode="graph", **shape).sample(prompts, temperature=0, stop_ids=())
+    assert torch.equal(eager.tokens, graph.tokens)
+    assert torch.equal(eager.plain_logprobs, graph.plain_logprobs)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_decode_is_as_accurate_as_a_bf16_full_forward():
+    """Compiled steps fuse bf16 arithmetic differently, so greedy paths may part from eager ones at the rounding
+    level (this model's logits are scaled up on purpose). The check: on its own tokens, the compiled sampler's
+    log-probs are as close to an fp32 full forward as the bf16 full forward is (a miscompiled kernel is off by
+    nats)."""
+    torch._dynamo.reset()
+    model = gpu_model()
+    reference = copy.deepcopy(model).float()
+    reference.set_kernels(Kernels())
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (20, 9, 33, 1)]
+    out = Sampler(model, mode="compile", batch_size=4, max_prompt_len=40, max_new_tokens=24).sample(
+        prompts, temperature=0, stop_ids=())
     for row, prompt in enumerate(prompts):
-        # Greedy paths may part at a near-tie (bf16 rounding differs between kernels); up to there they agree,
-        # and the parting must be a near-tie of the eager path's own logits.
-        same = int((eager.tokens[row] == fast.tokens[row]).long().cumprod(0).sum())
-        logits = full_logits(model, prompt, eager.tokens[row].tolist()).float()
-        if same < 24:
-            top2 = logits[same].topk(2).values
-            assert float(top2[0] - top2[1]) < 0.1, (mode, row, same)
-        err = float((eager.plain_logprobs[row, :same] - fast.plain_logprobs[row, :same]).abs().max()) if same else 0
-        print(f"GPU-ERR sampler/{mode}/row{row}: agree on {same}/24, max |logprob diff| {err:.2e}")
-        assert same >= 1 and err < 5e-2
+        tokens = out.tokens[row]
+
+        def logprobs(m):
+            logits = full_logits(m, prompt, tokens.tolist()).double()
+            return torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+
+        exact = logprobs(reference)
+        err = float((out.plain_logprobs[row].double() - exact).abs().max())
+        bf16_err = float((logprobs(model) - exact).abs().max())
+        print(f"GPU-ERR sampler/compile/row{row}: |logprob - fp32| {err:.2e}, bf16 full forward {bf16_err:.2e}")
+        assert err <= 1.5 * bf16_err + 0.1, (row, err, bf16_err)
 
 
 @pytest.mark.gpu

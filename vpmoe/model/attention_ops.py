@@ -90,7 +90,7 @@ def decode_attention(
     return out.view(batch, n_heads, 1, dim).to(q.dtype)
 
 
-@torch.compiler.disable  # Inductor mislowers bmm with out_dtype (torch 2.11: wrong greedy decodes, or no GEMM choice)
+@torch.compiler.disable  # Inductor has no GEMM choice for bmm with out_dtype (torch 2.11): cuBLAS runs it eagerly
 def _wide_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 (or wider) output; on CUDA, low-precision operands go to cuBLAS as they are (fp32
     accumulation and output), without upcast copies of the cache. Always eager: a compiled decode step calls it
