@@ -95,7 +95,10 @@ def _apply_changes(raw: dict, changes: dict[str, Any], source: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"{source}: '{part}' in {dotted!r} is not a table")
-        node[leaf] = _plain(value)
+        if value is None:  # None unsets: the schema's default, or no optional section
+            node.pop(leaf, None)
+        else:
+            node[leaf] = _plain(value)
 
 
 def replace(obj: T, changes: dict[str, Any], source: str = "") -> T:
