@@ -1,0 +1,192 @@
+"""The kd_online training step next to the ce step and the teacher's bare forward, in one run (issue 16).
+
+    python benchmarks/kd_online_step.py --out kd_online_step.json           # H200: 80-layer vpMoE, GPT-OSS-20B shape
+    python benchmarks/kd_online_step.py --teacher-layers 12 --out r.json    # a shallower teacher if memory is short
+    python benchmarks/kd_online_step.py --tiny                              # CPU smoke run (tiny student / teacher)
+
+Student: the vpMoE of configs/train/bench_vpmoe.toml (fast kernels, bf16 autocast) with train.compile = "on"
+(kd_online reads block outputs with hooks, which CUDA-graph replays would overwrite), seq 2048, on synthetic packed
+batches (vpmoe.perf.synthetic: every label supervised). Teacher: a randomly initialized GPT-OSS of the 20B shape
+(24 blocks, d 2880, 32 experts top-4, 64 heads, sliding window 128) in bf16 on the same GPU, built in memory (a
+40 GB checkpoint is not written and read back; the loader's checks are the tests' business).
+Rows (each the real `Trainer.step` or the teacher's `forward`, after warmup):
+  ce            the student's CE step (forward, backward, optimizer)
+  kd_online     the same student with the stage's mix (teacher forward per micro-batch, chunked KL, hidden term)
+  teacher       the teacher's bare forward over the same micro-batches (no_grad, states at supervised positions)
+Goal: kd_online step time <= (ce step + teacher forward) x 1.10.
+Loss side: the peak memory above the inputs of the kd_online loss alone (chunked CE + forward KL from hidden states,
+the hidden-state cosine through the projections, forward + backward) at 8,192 tokens; goal <= 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from vpmoe import config as config_io
+from vpmoe.distributed import Ranks, resolve_device
+from vpmoe.model.config import load_model_config
+from vpmoe.perf.measure import measure, synchronize
+from vpmoe.perf.synthetic import SyntheticBatches
+from vpmoe.teacher import load
+from vpmoe.teacher.online import OnlineTeacher
+from vpmoe.testing.teachers import gpt_oss_config, random_gpt_oss
+from vpmoe.train import head_losses
+from vpmoe.train.config import load_train_config
+from vpmoe.train.hidden_distill import HiddenProjections, auto_layer_pairs
+from vpmoe.train.objectives import kd_online
+from vpmoe.train.trainer import Trainer
+
+GPT_OSS_20B = dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                   num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                   sliding_window=128, max_position_embeddings=131072)
+
+
+def build_teacher(args, device: torch.device) -> OnlineTeacher:
+    shape = {} if args.tiny else dict(GPT_OSS_20B, num_hidden_layers=args.teacher_layers)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = random_gpt_oss(gpt_oss_config(**shape), seed=1, head_std=0.02, dtype=dtype, device=device)
+    if not args.tiny:
+        model.config._attn_implementation = args.attn_implementation
+    return OnlineTeacher(load.wrap_model(model.requires_grad_(False), str(device), "random GPT-OSS"), vpmoe=False,
+                         name="random GPT-OSS")
+
+
+def trainer_for(stage: str, args, teacher: OnlineTeacher, device: torch.device) -> Trainer:
+    if args.tiny:
+        cfg = load_train_config("tiny_kd_online", ["teacher.path=in-memory", "data.seq_len=128",
+                                                   f"data.micro_batch_size={args.micro_batch}"])
+    else:
+        cfg = load_train_config("bench_vpmoe", [f"data.micro_batch_size={args.micro_batch}", "data.grad_accum=1",
+                                                "train.compile=on", f"data.seq_len={args.seq_len}"])
+        if stage == "kd_online":
+            cfg = config_io.replace(cfg, {"train.stage": "kd_online", "loss.ce": 1.0, "teacher.path": "in-memory",
+                                          "teacher.dtype": "bfloat16",
+                                          "distill.kl_chunk_tokens": args.kl_chunk_tokens})
+    if stage == "ce":
+        cfg = config_io.replace(cfg, {"train.stage": "ce", "teacher": None, "distill": None})
+    kd_online.load_online_teacher = lambda section, ranks: teacher  # the in-memory teacher, not a checkpoint
+    model_cfg = load_model_config(cfg.model.config, [f"model.n_layers={args.layers}"] if args.layers else [])
+    data = SyntheticBatches(model_cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0)
+    return Trainer(cfg, Ranks(device=device), data, model_cfg, cfg.data.seq_len)
+
+
+def teacher_forward(teacher: OnlineTeacher, trainer: Trainer, args, device) -> dict:
+    data = SyntheticBatches(trainer.model_cfg.model.vocab_size, trainer.seq_len, args.micro_batch, seed=0)
+    layers = [t for _, t in auto_layer_pairs(trainer.model_cfg.model.n_layers, teacher.n_layers)]
+
+    def once():
+        rows = next(data).to(device)
+        teacher.forward(rows.input_ids, rows.position_ids, rows.doc_ids, rows.label_spans > 0, layers)
+
+    for _ in range(args.warmup):
+        once()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    begin = time.perf_counter()
+    for _ in range(args.steps):
+        once()
+    synchronize(device)
+    seconds = (time.perf_counter() - begin) / args.steps
+    out = {"step_ms": 1000 * seconds, "tokens_per_s": args.micro_batch * trainer.seq_len / seconds,
+           "weights_gib": teacher.weight_bytes / 2**30}
+    if device.type == "cuda":
+        out["forward_peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return out
+
+
+def loss_side_memory(teacher: OnlineTeacher, student_dim: int, n_student: int, args, device) -> dict:
+    """Peak memory above the inputs of the kd_online loss at `args.loss_tokens` tokens (forward + backward)."""
+    n, vocab = args.loss_tokens, teacher.head_weight.shape[0]
+    g = torch.Generator(device=device).manual_seed(0)
+    act = torch.bfloat16 if device.type == "cuda" else torch.float32  # the student's activations under autocast
+    hidden = torch.randn(n, student_dim, device=device, generator=g, dtype=act).requires_grad_(True)
+    weight = (0.02 * torch.randn(vocab, student_dim, device=device, generator=g)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
+    pairs = auto_layer_pairs(n_student, teacher.n_layers)
+    t_dtype = teacher.head_weight.dtype
+    t_hidden = torch.randn(n, teacher.hidden_size, device=device, generator=g).to(t_dtype)
+    t_layers = [torch.randn(n, teacher.hidden_size, device=device, generator=g).to(t_dtype) for _ in pairs]
+    s_layers = [torch.randn(n, student_dim, device=device, generator=g, dtype=act).requires_grad_(True)
+                for _ in pairs]
+    projections = HiddenProjections(pairs, student_dim, teacher.hidden_size).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def once():
+        with autocast:
+            values = head_losses.compute(hidden, weight, targets=targets, ce=True, forward_kl=True,
+                                         teacher=head_losses.TeacherHead(t_hidden, teacher.head_weight),
+                                         chunk_size=args.kl_chunk_tokens)
+            cosine = projections(s_layers, t_layers)
+        (0.25 * values.ce.mean() + 0.5 * values.forward_kl.mean() + 0.25 * cosine.mean()).backward()
+
+    once()
+    synchronize(device)
+    if device.type != "cuda":
+        return {"tokens": n, "note": "memory is measured on CUDA only"}
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    once()
+    synchronize(device)
+    return {"tokens": n, "chunk_tokens": args.kl_chunk_tokens,
+            "peak_extra_gib": (torch.cuda.max_memory_allocated(device) - base) / 2**30}
+
+
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny student and teacher")
+    parser.add_argument("--layers", type=int, help="student depth (default: the model config's, 80)")
+    parser.add_argument("--teacher-layers", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--kl-chunk-tokens", type=int, default=1024)
+    parser.add_argument("--loss-tokens", type=int, default=8192)
+    parser.add_argument("--attn-implementation", default="eager", help="the teacher's (transformers)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.tiny:
+        args.micro_batch, args.warmup, args.steps, args.loss_tokens = 1, 1, 2, 256
+        args.kl_chunk_tokens = min(args.kl_chunk_tokens, 128)
+    device = resolve_device("cpu" if args.tiny else "cuda")
+
+    teacher = build_teacher(args, device)
+    results: dict = {"teacher_layers": teacher.n_layers, "teacher_hidden": teacher.hidden_size}
+    for stage in ("ce", "kd_online"):
+        trainer = trainer_for(stage, args, teacher, device)
+        results[stage] = measure(trainer, args.warmup, args.steps)
+        if stage == "ce":
+            results["teacher"] = teacher_forward(teacher, trainer, args, device)
+            student_dim, n_student = trainer.model_cfg.model.hidden_size, trainer.model_cfg.model.n_layers
+        release(trainer)
+        print(f"{stage}: {results[stage]['step_ms']['total']:.1f} ms/step, "
+              f"{results[stage]['tokens_per_s']:.0f} tokens/s, peak {results[stage]['peak_memory_gib']} GiB")
+    bound = results["ce"]["step_ms"]["total"] + results["teacher"]["step_ms"]
+    results["goal_step"] = {"kd_online_ms": results["kd_online"]["step_ms"]["total"],
+                            "ce_plus_teacher_ms": bound,
+                            "ratio": results["kd_online"]["step_ms"]["total"] / bound, "goal_ratio": 1.10}
+    results["loss_side"] = loss_side_memory(teacher, student_dim, n_student, args, device)
+    print(f"teacher forward: {results['teacher']['step_ms']:.1f} ms, {results['teacher']['tokens_per_s']:.0f} tokens/s")
+    print(f"kd_online / (ce + teacher) = {results['goal_step']['ratio']:.3f} (goal <= 1.10)")
+    print(f"loss side: {results['loss_side']}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
