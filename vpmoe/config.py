@@ -1,6 +1,7 @@
 """Typed configs loaded from TOML.
 
-A config schema is a dataclass whose fields are section dataclasses; a section's fields are plain values.
+A config schema is a dataclass whose fields are section dataclasses; a section's fields are plain values. A section
+typed `Section | None = None` is optional: None when the file has no such table, checked like any other when it has.
 Unknown keys, missing keys and wrong types are errors that name the key and the file. `--set section.key=value`
 overrides are applied to the raw TOML before validation, so they are checked the same way (an error in a value an
 override set names the override, not the file); `replace` changes a
@@ -158,6 +159,7 @@ def from_dict(raw: dict, schema: type[T], source: str, prefix: str = "",
                 raise UserError(f"{source}: missing key '{where}'")
             continue
         value = raw[name]
+        kind = _optional_section(kind)
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise UserError(f"{_blame(source, overrides, where)}: '{where}' must be a table")
@@ -173,6 +175,16 @@ def from_dict(raw: dict, schema: type[T], source: str, prefix: str = "",
             inside = [item for key, item in overrides.items() if key.startswith(prefix)]
             raise UserError(f"{source}{' with --set ' + ', '.join(inside) if inside else ''}: {e}") from None
     return obj
+
+
+def _optional_section(kind: Any) -> Any:
+    """`Section | None` (an optional section, None when the file has no such table) -> Section; else `kind`."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        if dataclasses.is_dataclass(inner):
+            return inner
+    return kind
 
 
 def _blame(source: str, overrides: dict[str, str], where: str) -> str:

@@ -14,6 +14,7 @@ import concurrent.futures
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -172,17 +173,16 @@ def _gpus(score: ScoreSection, local_rank: int) -> list[int]:
     return mine
 
 
-class _VpmoeBody(torch.nn.Module):
+class VpmoeBody(torch.nn.Module):
     """A vpmoe Transformer seen as a Hugging Face body: input_ids -> .last_hidden_state (final-normed)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(last_hidden_state=self.model.body(input_ids).hidden)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, use_cache: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(last_hidden_state=self.model.body(input_ids, position_ids, doc_ids).hidden)
 
 
 def _load_vpmoe(path: Path, teacher: TeacherSection, score: ScoreSection, local_rank: int) -> Teacher:
@@ -191,7 +191,7 @@ def _load_vpmoe(path: Path, teacher: TeacherSection, score: ScoreSection, local_
     device = "cpu" if score.device == "cpu" else f"cuda:{_gpus(score, local_rank)[0]}"
     model = load_model(path, device=device, dtype=TORCH_DTYPES[teacher.dtype])
     model.eval().requires_grad_(False)
-    return Teacher(model=model, body=_VpmoeBody(model), head_weight=model.head.weight, head_bias=None,
+    return Teacher(model=model, body=VpmoeBody(model), head_weight=model.head.weight, head_bias=None,
                    input_device=torch.device(device), placement=device)
 
 
@@ -203,40 +203,19 @@ def load_teacher(teacher: TeacherSection, score: ScoreSection, local_rank: int =
     check_vocabulary(path)
     if is_vpmoe_config(read_config(path)):
         return _load_vpmoe(path, teacher, score, local_rank)
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise UserError("teacher scoring needs `transformers` (pip install 'transformers>=4.56')") from None
-    cfg = read_config(path)
-    transforms = [k for k in LOGIT_TRANSFORMS if cfg.get(k) not in (None, 1, 1.0)]
-    if transforms:
-        raise UserError(
-            f"teacher {path.name} post-processes its logits ({', '.join(transforms)}); teacher scoring applies the "
-            f"plain linear head and would store a different distribution"
-        )
-    kwargs = {"dtype": TORCH_DTYPES[teacher.dtype], "local_files_only": True}
-    if teacher.attn_implementation:
-        kwargs["attn_implementation"] = teacher.attn_implementation
-    if teacher.experts_implementation:
-        kwargs["experts_implementation"] = teacher.experts_implementation
     if score.device == "cpu":
-        placement = "cpu"
+        placement, device_kwargs = "cpu", {}
     else:
         gpus = _gpus(score, local_rank)
         if score.device_map == "auto":
-            kwargs["device_map"] = "auto"
-            kwargs["max_memory"] = {
-                i: int(torch.cuda.get_device_properties(i).total_memory * score.max_gpu_memory) for i in gpus
-            }
+            device_kwargs = {"device_map": "auto", "max_memory": {
+                i: int(torch.cuda.get_device_properties(i).total_memory * score.max_gpu_memory) for i in gpus}}
             placement = f"cuda:{gpus[0]}..cuda:{gpus[-1]} (device_map auto)"
         else:
-            kwargs["device_map"] = {"": f"cuda:{gpus[0]}"}
+            device_kwargs = {"device_map": {"": f"cuda:{gpus[0]}"}}
             placement = f"cuda:{gpus[0]}"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"cannot load teacher {path.name} with transformers: {e}") from None
-    model.eval().requires_grad_(False)
+    model = load_causal_lm(path, teacher.dtype, teacher.attn_implementation, teacher.experts_implementation,
+                           **device_kwargs)
     device_map = getattr(model, "hf_device_map", None) or {}
     off_gpu = sorted({str(d) for d in device_map.values() if not isinstance(d, int) and not str(d).startswith("cuda")})
     if score.device == "cuda" and off_gpu:
@@ -246,6 +225,33 @@ def load_teacher(teacher: TeacherSection, score: ScoreSection, local_rank: int =
         )
 
     return wrap_model(model, placement, name=path.name)
+
+
+def load_causal_lm(path: Path, dtype: str, attn_implementation: str | None = None,
+                   experts_implementation: str | None = None, **placement) -> torch.nn.Module:
+    """A Hugging Face causal LM from a local directory for inference (eval mode, no gradients), refused when it
+    post-processes its logits; `placement` goes to `from_pretrained` (device_map, max_memory)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UserError("a Hugging Face teacher needs `transformers` (pip install 'transformers>=4.56')") from None
+    cfg = read_config(path)
+    transforms = [k for k in LOGIT_TRANSFORMS if cfg.get(k) not in (None, 1, 1.0)]
+    if transforms:
+        raise UserError(
+            f"teacher {path.name} post-processes its logits ({', '.join(transforms)}); a teacher's distribution is "
+            f"the plain linear head's, which would differ"
+        )
+    kwargs = {"dtype": TORCH_DTYPES[dtype], "local_files_only": True, **placement}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"cannot load teacher {path.name} with transformers: {e}") from None
+    return model.eval().requires_grad_(False)
 
 
 def wrap_model(model: torch.nn.Module, placement: str, name: str = "teacher") -> Teacher:

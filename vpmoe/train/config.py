@@ -8,8 +8,11 @@ from typing import Literal
 from vpmoe import config as config_io
 from vpmoe.model.naming import FREEZE_GROUPS
 from vpmoe.optim.config import OptimConfig
+from vpmoe.teacher.online import OnlineTeacherSection
 from vpmoe.train.curriculum import CurriculumSection
 from vpmoe.train.opd_config import OpdSection
+
+ONLINE_TEACHER_STAGES = ("kd_online", "opd")  # stages with a teacher in the loop
 
 
 @dataclass
@@ -44,7 +47,8 @@ class DataRef:
 @dataclass
 class TrainSection:
     steps: int
-    stage: Literal["ce", "kd_offline"] = "ce"  # kd_online and opd plug in here later
+    # kd_online and opd run a teacher in the loop: they need a [teacher] section (vpmoe/teacher/online.py)
+    stage: Literal["ce", "kd_offline", "kd_online", "opd"] = "ce"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # fast: FlexAttention + grouped GEMM (CUDA, bf16); reference: plain math, any device; naive: reference attention
@@ -123,8 +127,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
     health: HealthSection = field(default_factory=HealthSection)
+    teacher: OnlineTeacherSection | None = None  # the in-the-loop teacher of kd_online / opd
 
     def validate(self) -> None:
+        online = self.train.stage in ONLINE_TEACHER_STAGES
+        if online and self.teacher is None:
+            raise ValueError(f"train.stage = \"{self.train.stage}\" runs a teacher in the loop: add a [teacher] "
+                             f"section with its path")
+        if self.teacher is not None and not online:
+            raise ValueError(f"[teacher] is for the stages with a teacher in the loop {list(ONLINE_TEACHER_STAGES)}, "
+                             f"not train.stage = \"{self.train.stage}\"")
         needs_teacher = self.loss.kd > 0 or self.loss.confidence_ce > 0
         if needs_teacher and self.train.stage != "kd_offline":
             raise ValueError("loss.kd and loss.confidence_ce need a teacher: set train.stage = \"kd_offline\"")

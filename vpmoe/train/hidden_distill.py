@@ -12,19 +12,19 @@
   mean over pairs of 1 - cos(W_p h_s, standardize_p(h_t)). States are [N, d] at the positions that carry the term.
   Statistics and the least-squares fit are sums over tokens: `reduce` (e.g. an all-reduce) makes them global so
   every rank holds the same buffers and weights.
-- decoder_layers(model) and capture_outputs(modules): forward hooks that keep each module's output (the first
-  element of a tuple: a vpmoe Block returns (x, v, stats)); a vpmoe Transformer's blocks are `model.layers`, a
-  Hugging Face causal LM's `model.get_decoder().layers`. Hooking the last block gives the final pre-norm output.
+- decoder_layers(model) and capture_outputs(modules) (from vpmoe.model.capture, where the in-loop teacher finds
+  them too): forward hooks that keep each block's output; hooking the last block gives the final pre-norm output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vpmoe.model.capture import capture_outputs, decoder_layers
 
 AUTO_PAIRS = 5
 
@@ -161,35 +161,5 @@ class HiddenProjections(nn.Module):
                              f"got {shapes}")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The blocks whose outputs are the hidden states: `model.layers` of a vpmoe Transformer, the decoder's
-    `layers` of a Hugging Face causal LM."""
-    layers = getattr(model, "layers", None)
-    if layers is None and hasattr(model, "get_decoder"):
-        layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers (model.layers or "
-                         f"model.get_decoder().layers)")
-    return layers
-
-
-@contextmanager
-def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[torch.Tensor | None]]:
-    """Within the block, each forward of modules[i] stores its output (a tuple's first element) in captured[i].
-
-    Use it around the forward only: with activation checkpointing a block runs again in backward, and a hook
-    still registered then would store that recomputation too.
-    """
-    captured: list[torch.Tensor | None] = [None] * len(modules)
-
-    def hook(index: int):
-        def store(_module, _args, output):
-            captured[index] = output[0] if isinstance(output, tuple) else output
-        return store
-
-    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+__all__ = ["AUTO_PAIRS", "HiddenProjections", "auto_layer_pairs", "capture_outputs", "decoder_layers",
+           "layer_pairs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vpmoe.distributed import Ranks
+from vpmoe.errors import UserError
 from vpmoe.train.config import TrainConfig
 from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
 from vpmoe.train.objectives.ce import CrossEntropy
@@ -12,7 +13,11 @@ STAGES: dict[str, type[Objective]] = {"ce": CrossEntropy, "kd_offline": OfflineK
 
 
 def build_objective(cfg: TrainConfig, ranks: Ranks) -> Objective:
-    return STAGES[cfg.train.stage](cfg, ranks)
+    stage = STAGES.get(cfg.train.stage)
+    if stage is None:
+        raise UserError(f"train.stage = \"{cfg.train.stage}\" has no objective in this version; stages: "
+                        f"{', '.join(STAGES)}")
+    return stage(cfg, ranks)
 
 
 __all__ = ["STAGES", "LossOutput", "Objective", "TrainBatch", "build_objective"]

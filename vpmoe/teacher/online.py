@@ -1,0 +1,170 @@
+"""The in-the-loop teacher of a training stage (`kd_online`, `opd`): a frozen causal LM that runs in the same step
+as the student, on the same token rows, and gives its final hidden states, its output head and chosen block outputs.
+
+    teacher = load_online_teacher(cfg.teacher, ranks)    # the [teacher] section of a train config
+    states = teacher.forward(input_ids, position_ids, doc_ids, select, layers=(5, 11))
+    states.hidden     [N, D_t]  final-normed hidden states at the N positions where `select` [B, S] is True
+                                (row-major, the order of the student's `logits_at`)
+    states.layers     [[N, D_t], ...] the outputs of blocks 5 and 11 (before the final norm) at those positions
+    teacher.head_weight [V, D_t], teacher.head_bias [V] | None: the linear head (logits = hidden @ W^T + b)
+
+`forward` runs under no_grad in the teacher's own dtype (autocast off): its states are fixed targets. No document
+attends to another. A vpmoe teacher takes the packed rows whole and masks attention by `doc_ids`, as the student
+does. A Hugging Face teacher gets each document alone, from position 0, right-padded to the longest in one batch
+(transformers' packed-sequence masks are not built by every model, e.g. GPT-OSS); only the documents that hold a
+selected position are fed, up to their last selected position, in one forward per call. Block outputs are
+captured with forward hooks (vpmoe.model.capture), never read from a library's `hidden_states` tuple.
+
+The teacher is a Hugging Face causal LM with the o200k Harmony vocabulary (e.g. GPT-OSS) or a vpmoe checkpoint
+object / export; both go through the vocabulary checks of `vpmoe teacher score` (teacher/load.py). Placement:
+- "device": the whole teacher on this rank's device (the student's), one replica per rank.
+- "fsdp": FSDP2 over the same ranks as the student, forward only: each block is one unit, the body's root unit
+  holds the embedding and final norm; the output head stays whole on every rank (the chunked losses read it).
+  Every rank must call `forward` the same number of times (each forward gathers every block's shards), which
+  holds when each rank runs one teacher forward per micro-batch. Each rank reads the checkpoint into CPU memory
+  before sharding it, so the host needs the teacher's size per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from vpmoe import tokenizer as tk
+from vpmoe.artifacts.models import is_vpmoe_config, load_model
+from vpmoe.distributed import Ranks
+from vpmoe.errors import UserError
+from vpmoe.model.capture import capture_outputs, decoder_layers
+from vpmoe.teacher import load
+
+
+@dataclass
+class OnlineTeacherSection:
+    """[teacher] of a train config: the model that runs in the loop."""
+
+    path: str  # a local Hugging Face causal LM directory (o200k vocabulary) or a vpmoe checkpoint object / export
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    placement: Literal["device", "fsdp"] = "device"  # see vpmoe/teacher/online.py
+    attn_implementation: str | None = None  # passed to `from_pretrained` when set (Hugging Face teachers)
+    experts_implementation: str | None = None
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("teacher.path is empty")
+
+
+@dataclass
+class TeacherStates:
+    hidden: torch.Tensor  # [N, D_t], final-normed, at the selected positions
+    layers: list[torch.Tensor]  # [N, D_t] per requested block, that block's output
+
+
+class OnlineTeacher:
+    def __init__(self, teacher: load.Teacher, vpmoe: bool, name: str):
+        self.model, self.body = teacher.model, teacher.body
+        self.head_weight, self.head_bias = teacher.head_weight, teacher.head_bias
+        self.placement = teacher.placement
+        self.vpmoe = vpmoe
+        self.name = name
+        self.blocks = decoder_layers(teacher.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head_weight.shape[1]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the teacher's parameters held by this rank (its shards, and the whole head)."""
+        total = 0
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+        return total
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor,
+                select: torch.Tensor, layers: Sequence[int] = ()) -> TeacherStates:
+        """The teacher's states at the positions `select` [B, S] (bool) of packed rows; see the module doc."""
+        bad = [i for i in layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"teacher block {bad[0]} is out of range 0..{self.n_layers - 1}")
+        blocks = [self.blocks[i] for i in layers]
+        with torch.autocast(input_ids.device.type, enabled=False), capture_outputs(blocks) as captured:
+            if self.vpmoe:
+                hidden = self.body(input_ids=input_ids, position_ids=position_ids, doc_ids=doc_ids).last_hidden_state
+                at = (select,)
+            else:
+                docs, at = documents(input_ids, doc_ids, select)
+                hidden = self.body(input_ids=docs, use_cache=False).last_hidden_state
+        if hasattr(self.body, "reshard"):  # FSDP2 keeps its root unit gathered after a forward; free it
+            self.body.reshard()
+        return TeacherStates(hidden[at], [h[at] for h in captured])
+
+
+def documents(input_ids: torch.Tensor, doc_ids: torch.Tensor, select: torch.Tensor):
+    """The documents of packed rows that hold a selected position, each from its start to its last selected
+    position, right-padded into one batch [D, W]; and the (document, offset) index of every selected position in
+    row-major order (index a [D, W, ...] result with it)."""
+    starts = torch.ones_like(select)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = starts.flatten()
+    segment = starts.cumsum(0) - 1  # [B*S], the document of each position
+    first = starts.nonzero().squeeze(1)  # flat index of each document's first token
+    selected = select.flatten().nonzero().squeeze(1)
+    used, doc = torch.unique(segment[selected], return_inverse=True)
+    offset = selected - first[segment[selected]]
+    length = torch.zeros(len(used), dtype=torch.long, device=select.device).scatter_reduce(
+        0, doc, offset + 1, "amax")
+    width = int(length.max()) if len(used) else 0
+    columns = torch.arange(width, device=select.device)
+    index = (first[used][:, None] + columns).clamp(max=select.numel() - 1)
+    if not len(used):  # one EOD is fed all the same: under FSDP every rank forwards once per call
+        return torch.full((1, 1), tk.EOD, dtype=input_ids.dtype, device=input_ids.device), (doc, offset)
+    batch = torch.where(columns < length[:, None], input_ids.flatten()[index], tk.EOD)
+    return batch, (doc, offset)
+
+
+def load_online_teacher(section: OnlineTeacherSection, ranks: Ranks) -> OnlineTeacher:
+    """Check the vocabulary, load the teacher frozen in eval mode and place it (see the module doc)."""
+    path = Path(section.path)
+    if not path.is_dir():
+        raise UserError(f"teacher.path {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    load.check_vocabulary(path)
+    vpmoe = is_vpmoe_config(load.read_config(path))
+    sharded = section.placement == "fsdp" and ranks.distributed
+    device = torch.device("cpu") if sharded else ranks.device
+    dtype = load.TORCH_DTYPES[section.dtype]
+    if vpmoe:
+        model = load_model(path, device=device, dtype=dtype).eval().requires_grad_(False)
+        teacher = load.Teacher(model=model, body=load.VpmoeBody(model), head_weight=model.head.weight,
+                               head_bias=None, input_device=device, placement=str(device))
+    else:
+        placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+        model = load.load_causal_lm(path, section.dtype, section.attn_implementation,
+                                    section.experts_implementation, **placement)
+        teacher = load.wrap_model(model, str(device), name=path.name)
+    if sharded:
+        shard(teacher, ranks)
+    return OnlineTeacher(teacher, vpmoe, path.name)
+
+
+def shard(teacher: load.Teacher, ranks: Ranks) -> None:
+    """FSDP2, forward only, over the ranks' devices: one unit per block, the body as root without the head."""
+    mesh = init_device_mesh(ranks.device.type, (ranks.world_size,), mesh_dim_names=("teacher",))
+    for block in decoder_layers(teacher.model):
+        fully_shard(block, mesh=mesh)
+    head = {teacher.head_weight} | ({teacher.head_bias} if teacher.head_bias is not None else set())
+    inside = {id(p) for p in teacher.body.parameters()}
+    fully_shard(teacher.body, mesh=mesh, ignored_params={p for p in head if id(p) in inside} or None)
+    teacher.model.to(ranks.device)  # what FSDP does not own: the head, rotary tables and other buffers
+    teacher.placement = f"FSDP2 over {ranks.world_size} ranks ({ranks.device.type})"
