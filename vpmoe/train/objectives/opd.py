@@ -227,7 +227,7 @@ class OnPolicyDistillation(Objective):
     def dump_rollouts(self, batch: RolloutBatch, reverse_kl: torch.Tensor, sampled_kl: torch.Tensor) -> None:
         """The first rows of the step's first micro-batch on the main rank, every opd.rollouts_every steps."""
         step, every = self.curriculum.position, self.opd.rollouts_every
-        if not (self.ranks.is_main and every and step % every == 0) or self.window.get("dumped") == step:
+        if not (self.ranks.is_main and every and step and step % every == 0) or self.window.get("dumped") == step:
             return
         self.window["dumped"] = step
         records = []
