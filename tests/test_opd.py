@@ -49,9 +49,17 @@ def student_init(tmp_path_factory):
     return save_model(build_model(load_model_config("tiny_moe")), tmp_path_factory.mktemp("opd_init") / "init")
 
 
-def opd_config(tmp_path, dataset, teacher, name="run", **sets):
-    changes = {"run.dir": tmp_path / name, "data.path": dataset, "teacher.path": teacher, "model.init_from": teacher,
-               "train.log_every": 1, "opd.rollouts_every": 1, "opd.max_new_tokens": 12,
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """Another initialization of the same shape: a teacher the student is far from."""
+    torch.manual_seed(1)
+    return save_model(build_model(load_model_config("tiny_moe")), tmp_path_factory.mktemp("opd_teacher") / "teacher")
+
+
+def opd_config(tmp_path, dataset, teacher, name="run", student=None, **sets):
+    changes = {"run.dir": tmp_path / name, "data.path": dataset, "teacher.path": teacher,
+               "model.init_from": student or teacher,
+               "train.log_every": 1, "opd.rollouts_every": 1, "opd.max_new_tokens": 12, "optim.warmup_steps": 1,
                "curriculum.max_new_tokens": [8, 12], **{k.replace("__", "."): v for k, v in sets.items()}}
     return config_io.replace(load_train_config("tiny_opd"), changes)
 
@@ -262,12 +270,12 @@ def final_weights(run_dir, tmp_path):
     return torch.load(out, weights_only=False)["model"]
 
 
-def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts, student_init):
+def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts, student_init, other_teacher):
     steps = 4
-    common = dict(train__steps=steps, checkpoint__every=1, curriculum__steps=[0, 2])
-    train(opd_config(tmp_path, prompts, student_init, "straight", **common))
+    common = dict(train__steps=steps, checkpoint__every=1, curriculum__steps=[0, 2], student=student_init)
+    train(opd_config(tmp_path, prompts, other_teacher, "straight", **common))
     cfg_file = tmp_path / "killed.toml"
-    cfg_file.write_text(config_io.dumps_toml(opd_config(tmp_path, prompts, student_init, "killed", **common)))
+    cfg_file.write_text(config_io.dumps_toml(opd_config(tmp_path, prompts, other_teacher, "killed", **common)))
     cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 300
@@ -290,12 +298,13 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
     assert losses("straight") == losses("killed")
 
 
-def test_two_ranks_equal_one_process(tmp_path, prompts, student_init):
+def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher):
     """torchrun, 2 CPU processes (gloo, FSDP2 student, teacher on each rank): the same rollouts and losses as one
     process with 2 micro-batches."""
-    common = dict(train__steps=2, checkpoint__every=2, data__micro_batch_size=1, opd__samples_per_prompt=2)
-    single = opd_config(tmp_path, prompts, student_init, "single", data__grad_accum=2, **common)
-    double = opd_config(tmp_path, prompts, student_init, "double", data__grad_accum=1, **common)
+    common = dict(train__steps=2, checkpoint__every=2, data__micro_batch_size=1, opd__samples_per_prompt=2,
+                  student=student_init)
+    single = opd_config(tmp_path, prompts, other_teacher, "single", data__grad_accum=2, **common)
+    double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, **common)
     for cfg, name in ((single, "single"), (double, "double")):
         (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -308,6 +317,7 @@ def test_two_ranks_equal_one_process(tmp_path, prompts, student_init):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "double")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    assert a[0]["opd"]["reverse_kl"] > 0.01  # another initialization (1e-6 at teacher = student): real gradients
     for x, y in zip(a, b):
         assert x["opd"]["length"] == y["opd"]["length"] and x["opd"]["by_effort"].keys() == y["opd"]["by_effort"].keys()
         for span in ("reasoning", "final"):
