@@ -327,3 +327,25 @@ def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teac
     dump = lambda run: [json.loads(line)["completion_ids"] for line in  # noqa: E731
                         (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]
     assert dump("single") == dump("double")
+
+
+def test_heldout_reverse_kl_is_zero_against_itself_and_positive_against_another(prompts, student_init, other_teacher):
+    from vpmoe.artifacts.models import load_model
+    from vpmoe.eval.opd_kl import heldout_reverse_kl
+    from vpmoe.teacher.online import OnlineTeacherSection, load_online_teacher
+
+    model = load_model(student_init)
+    results = []
+    for teacher in (student_init, other_teacher):
+        online = load_online_teacher(OnlineTeacherSection(path=str(teacher), dtype="float32"), Ranks())
+        results.append(heldout_reverse_kl(model, online, prompts, max_prompts=2, max_new_tokens=6))
+    same, other = results
+    assert same["all"]["tokens"] == other["all"]["tokens"] == 2 * 2 * 6  # the same seed: the same samples
+    assert abs(same["all"]["reverse_kl"]) <= 1e-6 and other["all"]["reverse_kl"] > 0.01
+
+
+def test_shipped_prompts_build_config_loads():
+    from vpmoe.data.build import BuildConfig
+
+    cfg = config_io.load("prompts", BuildConfig, kind="data")
+    assert cfg.data.format == "prompts" and not cfg.data.pack
