@@ -10,7 +10,7 @@ SMALL_DEMO = (
     "import vpmoe, sys; from vpmoe.demo import DemoSize, demo\n"
     "print('package at', vpmoe.__file__)\n"
     "demo('demo', DemoSize(records=160, teacher_steps=6, student_steps=4, eval_samples=4, suite_items=4, "
-    "max_new_tokens=8))\n"
+    "max_new_tokens=8, opd_steps=2, opd_prompts=2))\n"
 )
 
 
@@ -29,11 +29,12 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
     assert f"package at {site}" in done.stdout
     summary = json.loads((work / "demo" / "summary.json").read_text())
     reports = summary["reports"]
-    assert set(reports) == {"CE only", "offline KD"}
+    assert set(reports) == {"CE only", "offline KD", "OPD from KD"}
+    assert all(report["opd_kl"]["all"]["tokens"] > 0 for report in reports.values())
     for report in reports.values():
         assert report["heldout"]["spans"]["final"]["tokens"] > 0
         assert report["teacher_kl"]["all"]["tokens"] > 0
         assert 0.0 <= report["suite"]["accuracy"] <= 1.0
-    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD", "eval"}
+    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD", "student OPD", "eval"}
     assert summary["artifacts"]["teacher"].endswith("teacher")
     assert (work / "demo" / "dataset" / "train" / "teacher" / "topk_ids.idx").is_file()

@@ -2,8 +2,9 @@
 
 corpus (deterministic SYNTH-schema arithmetic problems) -> dataset -> a small dense teacher trained with CE ->
 teacher scoring (top-K sidecar) -> a tiny vpMoE student trained from one initialization twice, with CE only and
-with offline KD -> core eval of both (held-out loss per span, held-out KL to the teacher, micro-suite) -> a
-comparison table and where every artifact lies.
+with offline KD -> a short on-policy distillation stage on the KD student (prompts built from the same corpus) ->
+core eval of all (held-out loss per span, held-out KL to the teacher, micro-suite) and each student's on-policy
+reverse KL to the teacher on held-out prompts -> a comparison table and where every artifact lies.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from pathlib import Path
 import torch
 
 from vpmoe import config as config_io
-from vpmoe.artifacts.models import save_model
+from vpmoe.artifacts.models import load_model, save_model
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
+from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
+from vpmoe.eval.opd_kl import heldout_reverse_kl
 from vpmoe.eval.run import evaluate_checkpoint
 from vpmoe.export import export
 from vpmoe.model import build_model, load_model_config
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
+from vpmoe.teacher.online import OnlineTeacherSection, load_online_teacher
 from vpmoe.teacher.score import score
 from vpmoe.train.config import load_train_config
 from vpmoe.train.trainer import train
@@ -41,6 +45,8 @@ class DemoSize:
     eval_samples: int = 48  # valid samples for held-out metrics
     suite_items: int = 0  # 0 = the whole micro-suite
     max_new_tokens: int = 48
+    opd_steps: int = 20
+    opd_prompts: int = 16  # held-out prompts for the on-policy reverse KL (x 2 samples each)
 
 
 def _train(config: str, run_dir: Path, dataset: Path, steps: int, changes: dict | None = None) -> Path:
@@ -105,12 +111,22 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
                                                          size.student_steps, init_from)),
     }
 
+    prompts = stage("prompts", lambda: build(DataSection(
+        inputs=[str(corpus / "*.jsonl")], format="prompts", out=str(root / "prompts"), seq_len=256,
+        valid_fraction=0.1, workers=2)))
+    students["OPD from KD"] = stage("student OPD", lambda: _train(
+        "tiny_opd", root / "runs" / "student_opd", prompts, size.opd_steps,
+        {"model.init_from": students["offline KD"], "teacher.path": teacher_dir}))
+
     def evaluate() -> Path:
+        online_teacher = load_online_teacher(OnlineTeacherSection(path=str(teacher_dir), dtype="float32"), Ranks())
         for label, run in students.items():
             result = evaluate_checkpoint(run, dataset=str(dataset), max_samples=size.eval_samples,
                                          max_new_tokens=size.max_new_tokens, suite_items=size.suite_items,
                                          parts=["heldout", "teacher_kl", "suite", "sanity"])
             reports[label] = result.report
+            reports[label]["opd_kl"] = heldout_reverse_kl(load_model(run), online_teacher, prompts,
+                                                          max_prompts=size.opd_prompts, max_new_tokens=32)
             where[f"eval {label}"] = str(result.md_path)
         return root / "runs"
 
@@ -130,6 +146,7 @@ def summarize(reports: dict[str, dict], times: dict[str, float], where: dict[str
         ("held-out CE, final", lambda r: r["heldout"]["spans"]["final"]["loss"], "{:.3f}"),
         ("held-out KL to teacher, reasoning", lambda r: r["teacher_kl"]["reasoning"]["kl"], "{:.3f}"),
         ("held-out KL to teacher, final", lambda r: r["teacher_kl"]["final"]["kl"], "{:.3f}"),
+        ("on-policy reverse KL, held-out prompts", lambda r: r["opd_kl"]["all"]["reverse_kl"], "{:.3f}"),
         ("micro-suite accuracy", lambda r: r["suite"]["accuracy"], "{:.1%}"),
         ("valid Harmony generations", lambda r: r["suite"]["parse_valid_share"], "{:.1%}"),
     ]
@@ -142,6 +159,9 @@ def summarize(reports: dict[str, dict], times: dict[str, float], where: dict[str
     verdict = "beats" if kd < ce else "does NOT beat"
     lines.append(f"\nThe KD student {verdict} the CE-only student on held-out KL to the teacher "
                  f"({kd:.3f} vs {ce:.3f} nats per supervised token).")
+    before, after = (reports[label]["opd_kl"]["all"]["reverse_kl"] for label in ("offline KD", "OPD from KD"))
+    lines.append(f"On-policy distillation takes the KD student's reverse KL to the teacher on its own samples of "
+                 f"held-out prompts from {before:.3f} to {after:.3f} nats per sampled token.")
     lines.append("\n== time per stage")
     lines += [f"{name:<{width}}{seconds:>8.1f}s" for name, seconds in times.items()]
     lines.append(f"{'total':<{width}}{sum(times.values()):>8.1f}s")

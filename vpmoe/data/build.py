@@ -50,7 +50,9 @@ DATASET_FILES = [f"{split}/{name}.{ext}" for split in SPLITS for name in ("token
 @dataclass
 class DataSection:
     inputs: list[str]
-    format: Literal["synth", "text"]
+    # synth: SYNTH records as training conversations; text: plain text; prompts: the user queries of SYNTH records
+    # as Harmony prompts for on-policy distillation (no system message: the effort is set per sample later)
+    format: Literal["synth", "text", "prompts"]
     out: str
     seq_len: int = 2048
     pack: bool = False
@@ -67,6 +69,8 @@ class DataSection:
             raise ValueError(f"'data.valid_fraction' must be in [0, 1), got {self.valid_fraction}")
         if self.workers < 1:
             raise ValueError(f"'data.workers' must be at least 1, got {self.workers}")
+        if self.format == "prompts" and self.pack:
+            raise ValueError("'data.pack' must be false for format \"prompts\" (each prompt is sampled alone)")
 
 
 @dataclass
@@ -346,6 +350,8 @@ def _render_shard(index: int, path: str, data: DataSection, system: list[int], s
                 for facet in facets:
                     key = str(record[facet])
                     facets[facet][key] = facets[facet].get(key, 0) + 1
+            elif data.format == "prompts":
+                parts = [renderer.render_prompt(record["query"], data.seq_len)]
             else:
                 parts = renderer.render_text(record["text"], data.seq_len)
         except Reject as r:

@@ -8,10 +8,14 @@ are encoded here directly (the system message is rendered once by openai-harmony
 
 Span labels: the tokens of an assistant message, from its `<|start|>` through its closing token, carry the
 message's span (analysis 1, final 2); all other tokens carry 0.
+
+A prompt (format `prompts`, for on-policy distillation) is the user message followed by `<|start|>assistant`, with
+no system message: the reasoning effort is left open, and the stage prepends `system_tokens(effort)` per sample.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -46,6 +50,12 @@ def system_tokens(reasoning_effort: str) -> list[int]:
     effort = ReasoningEffort(reasoning_effort.capitalize())
     system = Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(effort))
     return list(tk.harmony().render_conversation(Conversation.from_messages([system])))
+
+
+@functools.cache
+def longest_system() -> int:
+    """Tokens of the longest system message over the efforts (a prompt's budget reserves them)."""
+    return max(len(system_tokens(e)) for e in EFFORTS)
 
 
 def _encode_checked(text: str, what: str) -> list[int]:
@@ -93,6 +103,7 @@ class HarmonyRenderer:
         self.user_head = [tk.START, *user, tk.MESSAGE]
         self.analysis_head = [tk.START, *assistant, tk.CHANNEL, *analysis, tk.MESSAGE]
         self.final_head = [tk.START, *assistant, tk.CHANNEL, *final, tk.MESSAGE]
+        self.assistant_head = [tk.START, *assistant]  # a prompt's end: the completion opens with <|channel|>
 
     def render(self, query: str, reasoning: str, answer: str, seq_len: int) -> Rendered:
         """Render one conversation; raises Reject for empty or unusable content."""
@@ -126,6 +137,21 @@ class HarmonyRenderer:
         labels[len(head) : len(head) + len(analysis)] = spans.REASONING
         labels[len(head) + len(analysis) :] = spans.FINAL
         return Rendered(tokens, labels, truncated)
+
+    def render_prompt(self, query: str, seq_len: int) -> Rendered:
+        """`<|start|>user<|message|>query<|end|><|start|>assistant`, all span 0. `seq_len` bounds the prompt with
+        the longest system message of any effort prepended; the query keeps its end when it is cut."""
+        if not query.strip():
+            raise Reject("empty_query")
+        q = _encode_checked(query, "query")
+        fixed = longest_system() + len(self.user_head) + 1 + len(self.assistant_head)
+        truncated = None
+        if len(q) > seq_len - fixed:
+            if seq_len - fixed <= 0:
+                raise Reject("prompt_too_long")
+            q, truncated = _suffix(q, seq_len - fixed), "query"
+        tokens = np.array(self.user_head + q + [tk.END] + self.assistant_head, dtype=np.int32)
+        return Rendered(tokens, np.zeros(len(tokens), dtype=np.uint8), truncated)
 
     @staticmethod
     def render_text(text: str, seq_len: int) -> list[Rendered]:

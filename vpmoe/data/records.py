@@ -18,8 +18,9 @@ SYNTH_FIELDS = {
     "language": (str, type(None)), "exercise": (str, type(None)),
 }
 TEXT_FIELDS = {"id": str, "text": str}
-FIELDS = {"synth": SYNTH_FIELDS, "text": TEXT_FIELDS}
-ID_FIELD = {"synth": "synth_id", "text": "id"}
+PROMPT_FIELDS = {"synth_id": str, "query": str}  # SYNTH records whose reasoning and answer are ignored
+FIELDS = {"synth": SYNTH_FIELDS, "text": TEXT_FIELDS, "prompts": PROMPT_FIELDS}
+ID_FIELD = {"synth": "synth_id", "text": "id", "prompts": "synth_id"}
 
 # A reader yields (line number, record, bytes consumed since the previous record).
 Reader = Iterator[tuple[int, dict, int]]

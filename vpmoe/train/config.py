@@ -9,6 +9,8 @@ from vpmoe import config as config_io
 from vpmoe.model.naming import FREEZE_GROUPS
 from vpmoe.optim.config import OptimConfig
 from vpmoe.teacher.online import OnlineTeacherSection
+from vpmoe.train.curriculum import CurriculumSection
+from vpmoe.train.opd_config import OpdSection
 
 ONLINE_TEACHER_STAGES = ("kd_online", "opd")  # stages with a teacher in the loop
 
@@ -163,6 +165,8 @@ class TrainConfig:
     data: DataRef
     train: TrainSection
     checkpoint: CheckpointSection
+    opd: OpdSection = field(default_factory=OpdSection)  # stage opd
+    curriculum: CurriculumSection = field(default_factory=CurriculumSection)  # stage opd: efforts, lengths per step
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -197,6 +201,14 @@ class TrainConfig:
         if self.train.compile == "cudagraphs" and self.train.activation_checkpointing:
             raise ValueError("train.compile = \"cudagraphs\" does not combine with train.activation_checkpointing "
                              "(a recomputed block would replay its graph inside the backward): use compile = \"on\"")
+        if self.train.stage == "opd":
+            lengths = self.curriculum.max_new_tokens
+            if lengths and max(lengths) > self.opd.max_new_tokens:
+                raise ValueError(f"curriculum.max_new_tokens reaches {max(lengths)}, above opd.max_new_tokens "
+                                 f"({self.opd.max_new_tokens}, the sampler's capacity)")
+            if self.train.compile == "cudagraphs":
+                raise ValueError("train.stage = \"opd\" trains on rows of varying length: use train.compile = "
+                                 "\"on\" or \"off\" (opd.sampler = \"graph\" captures the decode step)")
 
 
 def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:

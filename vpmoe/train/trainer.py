@@ -124,6 +124,7 @@ class Trainer:
         self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from)
         self.autocast = autocast_dtype(cfg.train, ranks.device)
         self.objective = build_objective(cfg, ranks)
+        self.objective.attach(self.model)
         self.extra = torch.nn.ModuleDict(self.objective.modules())  # the stage's own modules, replicated
         self.update_bias = model_cfg.moe.enabled and "router" not in cfg.train.freeze
         # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads)

@@ -49,6 +49,9 @@ class Objective:
 
     name = ""
 
+    def attach(self, model: torch.nn.Module) -> None:
+        """Called once with the prepared student before the first step (a stage that samples from it keeps it)."""
+
     def batches(self, data, count: int) -> list[TrainBatch]:
         """The step's `count` micro-batches (on the model's device), with whatever the stage needs attached."""
         raise NotImplementedError
