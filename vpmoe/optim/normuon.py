@@ -27,8 +27,10 @@ W <- W (1 - lr wd) - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
 
 Distributed: parameters may be DTensors (FSDP2 `fully_shard`, expert parallel). Elementwise work runs on the local
 shards. Orthogonalization needs whole matrices: when a parameter is sharded only along batch (expert) dims, its
-local shard holds whole matrices and is processed as is; otherwise the update is gathered (`full_tensor`), processed,
-and each rank keeps its own shard. The momentum is a DTensor placed like the parameter, the second moment one placed
+local shard holds whole matrices and is processed as is (each rank orthogonalizes the experts it owns); otherwise
+the update is gathered (`full_tensor`), the matrices of one shape from all such parameters are divided among the
+ranks of their mesh, each rank runs Polar Express on its share only, the results are all-gathered, and each rank
+keeps its own shard of the update. Every per-matrix result is the single-process one. The momentum is a DTensor placed like the parameter, the second moment one placed
 like the parameter's rows, so `state_dict()` / torch.distributed.checkpoint save global tensors and load into any
 other sharding.
 """
@@ -40,7 +42,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from vpmoe.errors import UserError
 from vpmoe.optim.config import OptimConfig
@@ -146,7 +150,7 @@ def _holds_whole_matrices(p: torch.Tensor) -> bool:
     for pl in p.placements:
         if isinstance(pl, Replicate):
             continue
-        if isinstance(pl, Shard) and pl.dim % p.ndim < p.ndim - 2:
+        if isinstance(pl, (Shard, _StridedShard)) and pl.dim % p.ndim < p.ndim - 2:
             continue
         return False
     return True
@@ -156,7 +160,7 @@ def _row_state_placements(p: DTensor) -> list:
     """Placements for a [..., m, 1] statistic of p: as p, except that a shard of the last dim becomes replicate."""
     out = []
     for pl in p.placements:
-        if isinstance(pl, Shard) and pl.dim % p.ndim == p.ndim - 1:
+        if isinstance(pl, (Shard, _StridedShard)) and pl.dim % p.ndim == p.ndim - 1:
             out.append(Replicate())
         else:
             out.append(pl)
@@ -167,6 +171,17 @@ def _gather(local: torch.Tensor, like: DTensor) -> torch.Tensor:
     dt = DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                             stride=like.stride())
     return dt.full_tensor()
+
+
+def sharded_polar_express(x: torch.Tensor, mesh: DeviceMesh, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """polar_express of the matrices x [B, m, n], which every rank of `mesh` holds alike, with the work divided:
+    each rank takes its contiguous share of the B matrices (torch.chunk over the mesh's ranks), then the results
+    are all-gathered."""
+    shares = [Shard(0)] * mesh.ndim
+    whole = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    mine = whole.redistribute(mesh, shares).to_local()  # no communication: a slice
+    done = polar_express(mine, steps=steps, dtype=dtype) if mine.shape[0] else mine.to(dtype)
+    return DTensor.from_local(done, mesh, shares, run_check=False, shape=x.shape, stride=x.stride()).full_tensor()
 
 
 def _my_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -278,8 +293,9 @@ class VpmoeOptimizer(torch.optim.Optimizer):
             rows = blocks[0] if blocks else m
             count = batch * (m // rows)
             gather = not _holds_whole_matrices(p)
-            buckets.setdefault((rows, n, p.device), []).append(_Item(p, rows, count, gather))
-        for (rows, n, _), items in buckets.items():
+            mesh = p.device_mesh if gather else None  # gathered matrices are orthogonalized by the mesh's ranks
+            buckets.setdefault((rows, n, p.device, mesh), []).append(_Item(p, rows, count, gather))
+        for (rows, n, _, _), items in buckets.items():
             chunk: list[_Item] = []
             size = 0
             for it in items:  # chunking uses global sizes so that every rank issues the same collectives
@@ -364,7 +380,10 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         counts = [mat.shape[0] for mat in mats]
         x = mats[0] if single else torch.cat(mats)
         vv = vviews[0] if single else torch.cat(vviews)
-        o = polar_express(x, steps=group["ns_steps"], dtype=dtype)
+        if chunk[0].gather:
+            o = sharded_polar_express(x, chunk[0].p.device_mesh, group["ns_steps"], dtype)
+        else:
+            o = polar_express(x, steps=group["ns_steps"], dtype=dtype)
         scale = normuon_row_scales(o, vv, group["beta2"], group["update_scale"])
         if not single:
             torch._foreach_copy_(vviews, list(vv.split(counts)))
