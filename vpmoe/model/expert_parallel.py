@@ -58,8 +58,8 @@ class ExpertParallel:
         self.n_experts = n_experts
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, bank: ExpertBank, kernel: str) -> torch.Tensor:
-        """x [T, D], experts [T, k] (global ids) -> per-slot outputs [T, k, D] (unweighted)."""
-        n_tokens, topk = experts.shape
+        """x [T, D], experts [T, k] (global ids) -> per-slot outputs [T * k, D] (unweighted), as ExpertBank."""
+        topk = experts.shape[1]
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # slots sorted by expert, hence by owner
         per_expert = torch.bincount(flat, minlength=self.n_experts)
@@ -71,7 +71,7 @@ class ExpertParallel:
         rows = all_to_all(x.index_select(0, order // topk), send, receive, self.group)
         local_experts = torch.arange(self.n_local, device=x.device).repeat(self.size)
         local_experts = local_experts.repeat_interleave(received_per_expert)
-        outputs = bank(rows, local_experts[:, None], kernel).squeeze(1)  # [rows received, D]
+        outputs = bank(rows, local_experts[:, None], kernel)  # [rows received, D]
         returned = all_to_all(outputs, receive, send, self.group)  # back in sorted-slot order
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return returned.index_select(0, unsort).view(n_tokens, topk, -1)
+        return returned.index_select(0, unsort)

@@ -166,9 +166,10 @@ class ExpertBank(nn.Module):
         self.down_bias = nn.Parameter(torch.zeros(n_experts, dim)) if bias else None
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, kernel: str) -> torch.Tensor:
-        """x [T, D], experts [T, k] -> per-slot outputs [T, k, D] (unweighted). Under expert parallelism the banks
-        are DTensors split over experts and `experts` index this rank's own ones (see model/expert_parallel.py)."""
-        n_tokens, topk = experts.shape
+        """x [T, D], experts [T, k] -> per-slot outputs [T * k, D] (unweighted; slot t * k + j is token t's j-th
+        expert). Under expert parallelism the banks are DTensors split over experts and `experts` index this rank's
+        own ones (see model/expert_parallel.py). The result is no view: an FSDP2 unit's output must not be one."""
+        topk = experts.shape[1]
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # slots sorted by expert
         sorted_experts = flat[order]
@@ -182,7 +183,7 @@ class ExpertBank(nn.Module):
         else:
             y = _padded_bmm(weights, sorted_x, sorted_experts)
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return y.index_select(0, unsort).view(n_tokens, topk, -1)
+        return y.index_select(0, unsort)
 
     def local_weights(self) -> BankWeights:
         """This rank's experts: the banks themselves, or the local part of banks split over expert-parallel ranks
@@ -278,7 +279,7 @@ class MoEStats:
     counts: torch.Tensor  # [E] int64
 
 
-# (tokens [T, D], chosen experts [T, k], the bank, kernel) -> per-slot outputs [T, k, D]: how the routed experts are
+# (tokens [T, D], chosen experts [T, k], the bank, kernel) -> per-slot outputs [T * k, D]: how the routed experts are
 # reached when they live on other ranks (vpmoe.model.expert_parallel.ExpertParallel).
 Dispatch = Callable[[torch.Tensor, torch.Tensor, ExpertBank, str], torch.Tensor]
 
@@ -307,9 +308,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         routing = self.router(flat)
         if self.dispatch is None:
-            routed = self.experts(flat, routing.experts, kernel)  # [T, k, D]
+            routed = self.experts(flat, routing.experts, kernel)
         else:
             routed = self.dispatch(flat, routing.experts, self.experts, kernel)
+        routed = routed.view(*routing.experts.shape, dim)  # [T, k, D]
         wide = torch.promote_types(x.dtype, torch.float32)
         mixed = (routed.to(wide) * routing.weights[..., None].to(wide)).sum(1).to(x.dtype)
         return self.shared(x) + mixed.view(batch, seq, dim), routing
