@@ -42,6 +42,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -173,15 +174,24 @@ def _gather(local: torch.Tensor, like: DTensor) -> torch.Tensor:
     return dt.full_tensor()
 
 
-def sharded_polar_express(x: torch.Tensor, mesh: DeviceMesh, steps: int, dtype: torch.dtype) -> torch.Tensor:
+def sharded_polar_express(x: torch.Tensor, mesh: DeviceMesh, steps: int, dtype: torch.dtype,
+                          first_owner: int = 0) -> torch.Tensor:
     """polar_express of the matrices x [B, m, n], which every rank of `mesh` holds alike, with the work divided:
-    each rank takes its contiguous share of the B matrices (torch.chunk over the mesh's ranks), then the results
-    are all-gathered."""
-    shares = [Shard(0)] * mesh.ndim
-    whole = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    mine = whole.redistribute(mesh, shares).to_local()  # no communication: a slice
-    done = polar_express(mine, steps=steps, dtype=dtype) if mine.shape[0] else mine.to(dtype)
-    return DTensor.from_local(done, mesh, shares, run_check=False, shape=x.shape, stride=x.stride()).full_tensor()
+    matrix i is orthogonalized by rank (first_owner + i) % world only (round robin, so that consecutive small
+    calls start where the last one stopped), then the results are all-gathered."""
+    ranks = mesh if mesh.ndim == 1 else mesh._flatten()
+    world, me = ranks.size(), ranks.get_local_rank()
+    count = x.shape[0]
+    share = -(-count // world)  # matrices per rank, at most
+    picked = x[(me - first_owner) % world::world]
+    mine = polar_express(picked, steps=steps, dtype=dtype) if picked.shape[0] else picked.to(dtype)
+    padded = mine.new_zeros(share, *x.shape[1:])
+    padded[: mine.shape[0]] = mine
+    gathered = padded.new_empty(world * share, *x.shape[1:])
+    dist.all_gather_into_tensor(gathered, padded, group=ranks.get_group())
+    index = torch.arange(count, device=x.device)
+    owner = (index + first_owner) % world
+    return gathered.view(world, share, *x.shape[1:])[owner, index // world]
 
 
 def _my_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -223,6 +233,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         self.info: dict[torch.Tensor, ParamInfo] = dict(info or {})
         self.compile = compile  # "on" | "off": a runtime choice, not part of the state dict
         self._scalar_cache: dict[tuple, torch.Tensor] = {}
+        self._next_owner = 0
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader, except that state tensors keep their (fp32) dtype: torch would cast them to the
@@ -244,6 +255,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._next_owner = 0  # the rank that orthogonalizes the next gathered matrix (round robin over the step)
         for group in self.param_groups:
             if group["family"] == "normuon":
                 self._normuon_group(group)
@@ -381,7 +393,8 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         x = mats[0] if single else torch.cat(mats)
         vv = vviews[0] if single else torch.cat(vviews)
         if chunk[0].gather:
-            o = sharded_polar_express(x, chunk[0].p.device_mesh, group["ns_steps"], dtype)
+            o = sharded_polar_express(x, chunk[0].p.device_mesh, group["ns_steps"], dtype, self._next_owner)
+            self._next_owner += x.shape[0]
         else:
             o = polar_express(x, steps=group["ns_steps"], dtype=dtype)
         scale = normuon_row_scales(o, vv, group["beta2"], group["update_scale"])
