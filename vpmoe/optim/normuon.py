@@ -188,7 +188,8 @@ def sharded_polar_express(x: torch.Tensor, mesh: DeviceMesh, steps: int, dtype: 
     padded = mine.new_zeros(share, *x.shape[1:])
     padded[: mine.shape[0]] = mine
     gathered = padded.new_empty(world * share, *x.shape[1:])
-    dist.all_gather_into_tensor(gathered, padded, group=ranks.get_group())
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name
+    all_gather(gathered, padded, group=ranks.get_group())
     index = torch.arange(count, device=x.device)
     owner = (index + first_owner) % world
     return gathered.view(world, share, *x.shape[1:])[owner, index // world]

@@ -74,8 +74,8 @@ class Meshes:
 def build_meshes(layout: Layout, device_type: str) -> Meshes:
     """Collective: every rank calls it, with the same layout."""
     mesh = init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.ep), mesh_dim_names=AXES)
-    mesh["dp_shard", "ep"]._flatten("dp_shard_ep")
+    flat = mesh["dp_shard", "ep"]._flatten("dp_shard_ep")
     replicate = layout.dp_replicate > 1
-    dense = mesh["dp_replicate", "dp_shard_ep"] if replicate else mesh["dp_shard_ep"]
+    dense = mesh["dp_replicate", "dp_shard_ep"] if replicate else flat
     experts = mesh["dp_replicate", "dp_shard"] if replicate else mesh["dp_shard"]
     return Meshes(dense, experts, mesh["ep"], replicate)
