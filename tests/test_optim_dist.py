@@ -1,5 +1,6 @@
-"""DTensor / FSDP2 on CPU (gloo, 2 processes): the sharded step equals the single-process step, and the sharded
-optimizer state, saved with torch.distributed.checkpoint, loads into a single process and continues exactly."""
+"""DTensor / FSDP2 on CPU (gloo, 2 processes): the sharded step equals the single-process step, with the Polar
+Express work divided over the ranks (each matrix orthogonalized on one rank only), and the sharded optimizer state,
+saved with torch.distributed.checkpoint, loads into a single process and continues exactly."""
 
 import os
 import socket
@@ -80,6 +81,7 @@ def _worker(rank, port, outdir):
 
         mesh = init_device_mesh("cpu", (WORLD,))
         # --- FSDP2: real forward / backward, gradients reduce-scattered by FSDP2
+        orthogonalized = _count_polar_matrices()
         shapes = _fsdp_shapes()
         model = LinearLoss(shapes)
         fully_shard(model, mesh=mesh)
@@ -92,6 +94,8 @@ def _worker(rank, port, outdir):
             opt.step()
             sched.step()
             opt.zero_grad()
+        polar_matrices = [None] * WORLD
+        dist.all_gather_object(polar_matrices, sum(orthogonalized))
         full = {n: p.full_tensor() for n, p in model.inner.named_parameters()}
         state = _full_state(opt, model.inner)
         ckpt = os.path.join(outdir, "ckpt")
@@ -119,11 +123,26 @@ def _worker(rank, port, outdir):
         mstate = _full_state(mopt, manual)
         assert isinstance(mopt.state[manual.get_submodule("layers.0.mlp").up.weight]["second_moment"], DTensor)
         if rank == 0:
-            torch.save({"params": full, "state": state, "manual": mfull, "mstate": mstate},
+            torch.save({"params": full, "state": state, "manual": mfull, "mstate": mstate,
+                        "polar_matrices": polar_matrices},
                        os.path.join(outdir, "result.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _count_polar_matrices() -> list[int]:
+    """From now on, the number of matrices of every Polar Express call of the optimizer, in this process."""
+    from vpmoe.optim import normuon
+
+    counts, real = [], normuon.polar_express
+
+    def counting(x, **kwargs):
+        counts.append(x.shape[0])
+        return real(x, **kwargs)
+
+    normuon.polar_express = counting
+    return counts
 
 
 def _free_port():
@@ -166,6 +185,19 @@ def test_fsdp2_step_equals_single_process(dist_result):
     init = module_from_shapes(shapes, seed=0)
     moved = [n for n, p in init.named_parameters() if not torch.allclose(p, res["params"][n])]
     assert len(moved) == len(shapes)
+
+
+def test_polar_express_work_is_divided_over_the_ranks(dist_result, monkeypatch):
+    """Each matrix is orthogonalized on exactly one rank: the ranks' counts add up to the single process's, and the
+    ranks share the work about evenly (round robin over the step's gathered matrices)."""
+    _, res = dist_result
+    from vpmoe.optim import normuon
+
+    counts, real = [], normuon.polar_express
+    monkeypatch.setattr(normuon, "polar_express", lambda x, **kwargs: counts.append(x.shape[0]) or real(x, **kwargs))
+    _single_run(_fsdp_shapes(), STEPS)
+    per_rank = res["polar_matrices"]
+    assert sum(per_rank) == sum(counts) and max(per_rank) <= 0.6 * sum(counts), (per_rank, sum(counts))
 
 
 def test_hand_placed_dtensors_equal_single_process(dist_result):

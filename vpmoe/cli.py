@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo", help="directory for every artifact (replaced if it is a demo)")
 
     doctor = sub.add_parser("doctor", help="environment, asset and device checks")
+    doctor.add_argument("--config", help="a training config: also report the device mesh it would build")
+    doctor.add_argument("--world-size", type=int, default=1, help="ranks the mesh is for (torchrun's world size)")
     _add_set(doctor)
     return parser
 
@@ -168,7 +170,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "doctor":
         from vpmoe.doctor import doctor
 
-        doctor()
+        if args.world_size < 1:
+            raise UserError(f"--world-size must be at least 1, got {args.world_size}")
+        doctor(args.config, args.overrides, args.world_size)
 
 
 def main(argv: list[str] | None = None) -> int:

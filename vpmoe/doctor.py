@@ -9,7 +9,8 @@ from vpmoe import tokenizer as tk
 from vpmoe.errors import UserError
 
 
-def doctor() -> None:
+def doctor(config: str | None = None, overrides: list[str] | None = None, world_size: int = 1) -> None:
+    """With a training config: also the device mesh that `world_size` ranks would build for it."""
     problems = []
 
     def check(name: str, fn) -> None:
@@ -26,6 +27,8 @@ def doctor() -> None:
     check("tokenizer", lambda: f"{tk.encoding().n_vocab} ids, <|start|> = {tk.encoding().encode('<|start|>', allowed_special='all')[0]}")
     check("openai-harmony", lambda: f"renders with the local ranks ({len(tk.harmony().special_tokens_set)} special tokens)")
     check("device", lambda: _device())
+    if config is not None:
+        check("mesh", lambda: _mesh(config, overrides or [], world_size))
     if problems:
         raise UserError(f"{len(problems)} check(s) failed; see above")
 
@@ -42,6 +45,16 @@ def _torch() -> str:
     except ImportError:
         raise UserError("PyTorch is not installed: run `make env`") from None
     return torch.__version__
+
+
+def _mesh(config: str, overrides: list[str], world_size: int) -> str:
+    from vpmoe.model.config import load_model_config
+    from vpmoe.train.config import load_train_config
+    from vpmoe.train.mesh import resolve_layout
+
+    cfg = load_train_config(config, overrides)
+    moe = load_model_config(cfg.model.config).moe
+    return resolve_layout(cfg.parallel, world_size, moe.n_experts if moe.enabled else None).describe()
 
 
 def _device() -> str:

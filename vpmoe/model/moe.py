@@ -8,11 +8,14 @@ scaling_factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vpmoe.model.config import MoESection
 
@@ -139,6 +142,19 @@ def seq_aux_loss(logits: torch.Tensor, topk: int) -> torch.Tensor:
     return (n_experts * (f * p).sum(-1)).mean()
 
 
+class BankWeights(NamedTuple):
+    """The tensors one rank computes its experts with: up [E, width, D], down [E, D, width], biases or None."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class ExpertBank(nn.Module):
     """E ReLU^2 experts stored as banks: up [E, width, D], down [E, D, width] (torch Linear layout), with biases."""
 
@@ -150,65 +166,29 @@ class ExpertBank(nn.Module):
         self.down_bias = nn.Parameter(torch.zeros(n_experts, dim)) if bias else None
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, kernel: str) -> torch.Tensor:
-        """x [T, D], experts [T, k] -> per-slot outputs [T, k, D] (unweighted)."""
-        n_tokens, topk = experts.shape
+        """x [T, D], experts [T, k] -> per-slot outputs [T * k, D] (unweighted; slot t * k + j is token t's j-th
+        expert). Under expert parallelism the banks are DTensors split over experts and `experts` index this rank's
+        own ones (see model/expert_parallel.py). The result is no view: an FSDP2 unit's output must not be one."""
+        topk = experts.shape[1]
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # slots sorted by expert
         sorted_experts = flat[order]
         # index_select rather than x[idx]: its backward is an index_add, not the much slower sort-based index_put.
         sorted_x = x.index_select(0, order // topk)
+        weights = self.local_weights()
         if kernel == "grouped_mm":
-            y = self._grouped(sorted_x, sorted_experts)
+            y = _grouped(weights, sorted_x, sorted_experts)
         elif kernel == "loop":
-            y = self._loop(sorted_x, sorted_experts)
+            y = _loop(weights, sorted_x, sorted_experts)
         else:
-            y = self._padded_bmm(sorted_x, sorted_experts)
+            y = _padded_bmm(weights, sorted_x, sorted_experts)
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return y.index_select(0, unsort).view(n_tokens, topk, -1)
+        return y.index_select(0, unsort)
 
-    def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros(self.up.shape[0], dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        # Biases are gathered per row; in fp32 so that their gradients (an index_add over all rows) accumulate in
-        # fp32, not bf16. The fp32 output feeds the fp32 weighted combine anyway.
-        # Under autocast (fp32 master weights, bf16 compute) the casts are explicit and autocast is off here, so
-        # that its rules for grouped_mm (if any) cannot change the dtypes.
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        with torch.autocast("cuda", enabled=False):
-            h = _grouped_mm(x.to(dtype), self.up.to(dtype).transpose(-2, -1), offsets)
-            if self.up_bias is not None:
-                h = SortedBiasAdd.apply(h, self.up_bias, experts, dtype).to(dtype)
-            y = _grouped_mm(relu2(h), self.down.to(dtype).transpose(-2, -1), offsets).float()
-            if self.down_bias is not None:
-                y = SortedBiasAdd.apply(y, self.down_bias, experts, dtype)
-        return y
-
-    def _loop(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(experts, minlength=self.up.shape[0]).tolist()  # the one host sync
-        outputs = []
-        for e, rows in enumerate(x.split(counts)):
-            if not len(rows):
-                continue
-            h = F.linear(rows, self.up[e], None if self.up_bias is None else self.up_bias[e])
-            outputs.append(F.linear(relu2(h), self.down[e], None if self.down_bias is None else self.down_bias[e]))
-        return torch.cat(outputs) if outputs else x.new_zeros(0, self.down.shape[1])
-
-    def _padded_bmm(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        n_experts = self.up.shape[0]
-        counts = torch.bincount(experts, minlength=n_experts)
-        starts = counts.cumsum(0) - counts
-        slot = torch.arange(experts.numel(), device=x.device) - starts[experts]  # rank within its expert
-        capacity = int(counts.max()) if experts.numel() else 0  # the one host sync of this path
-        batch = x.new_zeros(n_experts, capacity, x.shape[-1])
-        batch[experts, slot] = x
-        h = batch @ self.up.transpose(-2, -1)
-        if self.up_bias is not None:
-            h = h + self.up_bias[:, None, :]
-        y = relu2(h) @ self.down.transpose(-2, -1)
-        if self.down_bias is not None:
-            y = y + self.down_bias[:, None, :]
-        return y[experts, slot]
+    def local_weights(self) -> BankWeights:
+        """This rank's experts: the banks themselves, or the local part of banks split over expert-parallel ranks
+        (a DTensor's local tensor, differentiable)."""
+        return BankWeights(*(_local(t) for t in (self.up, self.down, self.up_bias, self.down_bias)))
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float) -> None:
@@ -217,6 +197,53 @@ class ExpertBank(nn.Module):
         for bias in (self.up_bias, self.down_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
+
+
+def _grouped(w: BankWeights, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    counts = torch.zeros(w.up.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    # Biases are gathered per row; in fp32 so that their gradients (an index_add over all rows) accumulate in
+    # fp32, not bf16. The fp32 output feeds the fp32 weighted combine anyway.
+    # Under autocast (fp32 master weights, bf16 compute) the casts are explicit and autocast is off here, so
+    # that its rules for grouped_mm (if any) cannot change the dtypes.
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    with torch.autocast("cuda", enabled=False):
+        h = _grouped_mm(x.to(dtype), w.up.to(dtype).transpose(-2, -1), offsets)
+        if w.up_bias is not None:
+            h = SortedBiasAdd.apply(h, w.up_bias, experts, dtype).to(dtype)
+        y = _grouped_mm(relu2(h), w.down.to(dtype).transpose(-2, -1), offsets).float()
+        if w.down_bias is not None:
+            y = SortedBiasAdd.apply(y, w.down_bias, experts, dtype)
+    return y
+
+
+def _loop(w: BankWeights, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(experts, minlength=w.up.shape[0]).tolist()  # the one host sync
+    outputs = []
+    for e, rows in enumerate(x.split(counts)):
+        if not len(rows):
+            continue
+        h = F.linear(rows, w.up[e], None if w.up_bias is None else w.up_bias[e])
+        outputs.append(F.linear(relu2(h), w.down[e], None if w.down_bias is None else w.down_bias[e]))
+    return torch.cat(outputs) if outputs else x.new_zeros(0, w.down.shape[1])
+
+
+def _padded_bmm(w: BankWeights, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    n_experts = w.up.shape[0]
+    counts = torch.bincount(experts, minlength=n_experts)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(experts.numel(), device=x.device) - starts[experts]  # rank within its expert
+    capacity = int(counts.max()) if experts.numel() else 0  # the one host sync of this path
+    batch = x.new_zeros(n_experts, capacity, x.shape[-1])
+    batch[experts, slot] = x
+    h = batch @ w.up.transpose(-2, -1)
+    if w.up_bias is not None:
+        h = h + w.up_bias[:, None, :]
+    y = relu2(h) @ w.down.transpose(-2, -1)
+    if w.down_bias is not None:
+        y = y + w.down_bias[:, None, :]
+    return y[experts, slot]
 
 
 class SortedBiasAdd(torch.autograd.Function):
@@ -252,8 +279,13 @@ class MoEStats:
     counts: torch.Tensor  # [E] int64
 
 
+# (tokens [T, D], chosen experts [T, k], the bank, kernel) -> per-slot outputs [T * k, D]: how the routed experts are
+# reached when they live on other ranks (vpmoe.model.expert_parallel.ExpertParallel).
+Dispatch = Callable[[torch.Tensor, torch.Tensor, ExpertBank, str], torch.Tensor]
+
+
 class MoE(nn.Module):
-    """shared(x) + sum_k w_k * expert_k(x)."""
+    """shared(x) + sum_k w_k * expert_k(x). `dispatch`, when set, carries the slots to the experts' owners."""
 
     def __init__(self, dim: int, moe: MoESection, bias: bool):
         super().__init__()
@@ -261,6 +293,7 @@ class MoE(nn.Module):
         self.shared = DenseFFN(dim, moe.shared_width, bias)
         self.experts = ExpertBank(dim, moe.n_experts, moe.expert_width, bias)
         self.router = Router(dim, moe)
+        self.dispatch: Dispatch | None = None
 
     def forward(self, x: torch.Tensor, kernel: str = "padded_bmm") -> tuple[torch.Tensor, MoEStats]:
         batch, seq, _ = x.shape
@@ -274,7 +307,11 @@ class MoE(nn.Module):
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         routing = self.router(flat)
-        routed = self.experts(flat, routing.experts, kernel)  # [T, k, D]
+        if self.dispatch is None:
+            routed = self.experts(flat, routing.experts, kernel)
+        else:
+            routed = self.dispatch(flat, routing.experts, self.experts, kernel)
+        routed = routed.view(*routing.experts.shape, dim)  # [T, k, D]
         wide = torch.promote_types(x.dtype, torch.float32)
         mixed = (routed.to(wide) * routing.weights[..., None].to(wide)).sum(1).to(x.dtype)
         return self.shared(x) + mixed.view(batch, seq, dim), routing

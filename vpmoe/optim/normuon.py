@@ -27,8 +27,10 @@ W <- W (1 - lr wd) - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
 
 Distributed: parameters may be DTensors (FSDP2 `fully_shard`, expert parallel). Elementwise work runs on the local
 shards. Orthogonalization needs whole matrices: when a parameter is sharded only along batch (expert) dims, its
-local shard holds whole matrices and is processed as is; otherwise the update is gathered (`full_tensor`), processed,
-and each rank keeps its own shard. The momentum is a DTensor placed like the parameter, the second moment one placed
+local shard holds whole matrices and is processed as is (each rank orthogonalizes the experts it owns); otherwise
+the update is gathered (`full_tensor`), the matrices of one shape from all such parameters are divided among the
+ranks of their mesh, each rank runs Polar Express on its share only, the results are all-gathered, and each rank
+keeps its own shard of the update. Every per-matrix result is the single-process one. The momentum is a DTensor placed like the parameter, the second moment one placed
 like the parameter's rows, so `state_dict()` / torch.distributed.checkpoint save global tensors and load into any
 other sharding.
 """
@@ -40,7 +42,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from vpmoe.errors import UserError
 from vpmoe.optim.config import OptimConfig
@@ -146,7 +151,7 @@ def _holds_whole_matrices(p: torch.Tensor) -> bool:
     for pl in p.placements:
         if isinstance(pl, Replicate):
             continue
-        if isinstance(pl, Shard) and pl.dim % p.ndim < p.ndim - 2:
+        if isinstance(pl, (Shard, _StridedShard)) and pl.dim % p.ndim < p.ndim - 2:
             continue
         return False
     return True
@@ -156,7 +161,7 @@ def _row_state_placements(p: DTensor) -> list:
     """Placements for a [..., m, 1] statistic of p: as p, except that a shard of the last dim becomes replicate."""
     out = []
     for pl in p.placements:
-        if isinstance(pl, Shard) and pl.dim % p.ndim == p.ndim - 1:
+        if isinstance(pl, (Shard, _StridedShard)) and pl.dim % p.ndim == p.ndim - 1:
             out.append(Replicate())
         else:
             out.append(pl)
@@ -167,6 +172,27 @@ def _gather(local: torch.Tensor, like: DTensor) -> torch.Tensor:
     dt = DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                             stride=like.stride())
     return dt.full_tensor()
+
+
+def sharded_polar_express(x: torch.Tensor, mesh: DeviceMesh, steps: int, dtype: torch.dtype,
+                          first_owner: int = 0) -> torch.Tensor:
+    """polar_express of the matrices x [B, m, n], which every rank of `mesh` holds alike, with the work divided:
+    matrix i is orthogonalized by rank (first_owner + i) % world only (round robin, so that consecutive small
+    calls start where the last one stopped), then the results are all-gathered."""
+    ranks = mesh if mesh.ndim == 1 else mesh._flatten()
+    world, me = ranks.size(), ranks.get_local_rank()
+    count = x.shape[0]
+    share = -(-count // world)  # matrices per rank, at most
+    picked = x[(me - first_owner) % world::world]
+    mine = polar_express(picked, steps=steps, dtype=dtype) if picked.shape[0] else picked.to(dtype)
+    padded = mine.new_zeros(share, *x.shape[1:])
+    padded[: mine.shape[0]] = mine
+    gathered = padded.new_empty(world * share, *x.shape[1:])
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name
+    all_gather(gathered, padded, group=ranks.get_group())
+    index = torch.arange(count, device=x.device)
+    owner = (index + first_owner) % world
+    return gathered.view(world, share, *x.shape[1:])[owner, index // world]
 
 
 def _my_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -208,6 +234,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         self.info: dict[torch.Tensor, ParamInfo] = dict(info or {})
         self.compile = compile  # "on" | "off": a runtime choice, not part of the state dict
         self._scalar_cache: dict[tuple, torch.Tensor] = {}
+        self._next_owner = 0
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader, except that state tensors keep their (fp32) dtype: torch would cast them to the
@@ -229,6 +256,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._next_owner = 0  # the rank that orthogonalizes the next gathered matrix (round robin over the step)
         for group in self.param_groups:
             if group["family"] == "normuon":
                 self._normuon_group(group)
@@ -278,8 +306,9 @@ class VpmoeOptimizer(torch.optim.Optimizer):
             rows = blocks[0] if blocks else m
             count = batch * (m // rows)
             gather = not _holds_whole_matrices(p)
-            buckets.setdefault((rows, n, p.device), []).append(_Item(p, rows, count, gather))
-        for (rows, n, _), items in buckets.items():
+            mesh = p.device_mesh if gather else None  # gathered matrices are orthogonalized by the mesh's ranks
+            buckets.setdefault((rows, n, p.device, mesh), []).append(_Item(p, rows, count, gather))
+        for (rows, n, _, _), items in buckets.items():
             chunk: list[_Item] = []
             size = 0
             for it in items:  # chunking uses global sizes so that every rank issues the same collectives
@@ -364,7 +393,11 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         counts = [mat.shape[0] for mat in mats]
         x = mats[0] if single else torch.cat(mats)
         vv = vviews[0] if single else torch.cat(vviews)
-        o = polar_express(x, steps=group["ns_steps"], dtype=dtype)
+        if chunk[0].gather:
+            o = sharded_polar_express(x, chunk[0].p.device_mesh, group["ns_steps"], dtype, self._next_owner)
+            self._next_owner += x.shape[0]
+        else:
+            o = polar_express(x, steps=group["ns_steps"], dtype=dtype)
         scale = normuon_row_scales(o, vv, group["beta2"], group["update_scale"])
         if not single:
             torch._foreach_copy_(vviews, list(vv.split(counts)))

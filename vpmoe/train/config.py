@@ -159,6 +159,20 @@ class HealthSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the ranks of a `torchrun` job are laid out (vpmoe.train.mesh): dp_replicate x dp_shard x ep = world size."""
+
+    dp_shard: int = 0  # FSDP2 shards over these ranks; 0: the world size / (dp_replicate * ep)
+    ep: int = 1  # expert parallel: each MoE layer's routed experts are split over this many ranks
+    dp_replicate: int = 1  # HSDP: replicas of the sharded model (gradients all-reduced between them)
+
+    def validate(self) -> None:
+        if self.dp_shard < 0 or self.ep < 1 or self.dp_replicate < 1:
+            raise ValueError("parallel.ep and parallel.dp_replicate must be at least 1, parallel.dp_shard at least 0 "
+                             "(0: what the world size leaves)")
+
+
+@dataclass
 class TrainConfig:
     run: RunSection
     model: ModelRef
@@ -173,6 +187,7 @@ class TrainConfig:
     health: HealthSection = field(default_factory=HealthSection)
     teacher: OnlineTeacherSection | None = None  # the in-the-loop teacher of kd_online / opd
     distill: DistillSection | None = None  # kd_online's loss mix (defaults when left out)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def validate(self) -> None:
         online = self.train.stage in ONLINE_TEACHER_STAGES

@@ -1,27 +1,43 @@
 """The student as a training stage runs it, prepared in one place and in one order, with every compatibility check
-here: kernels -> initial weights -> frozen groups -> activation checkpointing -> compiled blocks (CUDA graphs) ->
-FSDP2 sharding. The model file knows nothing of any of it.
+here: layout -> kernels -> initial weights -> frozen groups -> activation checkpointing -> expert parallelism ->
+compiled blocks (CUDA graphs) -> FSDP2 sharding (bf16 gathers, fp32 reduction and fp32 master weights when the run
+computes in bf16). The model file knows nothing of any of it.
+
+Sharding (vpmoe.train.mesh): every block is an FSDP2 unit over the dense mesh, the root holds embedding, final norm
+and head. Under expert parallelism each MoE layer's banks become DTensors split over the ep ranks on dim 0 (whole
+experts) and an FSDP2 unit of their own over the ranks that hold the same experts; their gradients are divided by the
+world size (each expert's gradient already sums the tokens of its whole EP group), so every gradient is the
+global-batch gradient. With bf16 gathers, units whose math must stay fp32 (the router; attention with GRAPE
+log-frequencies) gather in fp32.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vpmoe.artifacts.models import load_weights
 from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
 from vpmoe.model import Kernels, build_model
 from vpmoe.model.config import ModelConfig
+from vpmoe.model.expert_parallel import ExpertParallel
 from vpmoe.model.kernels import compute_dtype
+from vpmoe.model.moe import MoE
 from vpmoe.model.naming import freeze_group
-from vpmoe.train.config import TrainSection
+from vpmoe.model.transformer import FP32_NAMES
+from vpmoe.train.config import ParallelSection, TrainSection
+from vpmoe.train.mesh import Layout, Meshes, build_meshes, resolve_layout
 
 
-def check(train: TrainSection, ranks: Ranks) -> None:
+def check(train: TrainSection, ranks: Ranks, layout: Layout = Layout()) -> None:
     """Refuse settings that cannot run here, before anything is built."""
     device = ranks.device
+    if layout.ep > 1 and train.kernels == "naive":
+        raise UserError("train.kernels = \"naive\" (a Python loop over experts) does not run under expert "
+                        "parallelism (parallel.ep > 1): use \"reference\" or \"fast\"")
     if train.precision == "bf16" and device.type != "cuda":
         raise UserError("train.precision = \"bf16\" is for CUDA; use \"fp32\" or \"auto\" on the CPU")
     if train.compile == "cudagraphs" and ranks.distributed:
@@ -58,24 +74,56 @@ def apply_freeze(model: torch.nn.Module, groups: list[str]) -> list[str]:
     return frozen
 
 
-def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, init_from: str = ""):
+def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, init_from: str = "",
+                  parallel: ParallelSection | None = None):
     """The model ready for the loop. Returns (model, names of frozen parameters)."""
-    check(train, ranks)
+    n_experts = model_cfg.moe.n_experts if model_cfg.moe.enabled else None
+    layout = resolve_layout(parallel or ParallelSection(), ranks.world_size, n_experts)
+    check(train, ranks, layout)
     model = build_model(model_cfg, device=ranks.device, kernels=Kernels.named(train.kernels))
     if init_from:
         load_weights(model, init_from)
     frozen = apply_freeze(model, train.freeze)
     model.activation_checkpointing = train.activation_checkpointing
+    meshes = build_meshes(layout, ranks.device.type) if ranks.distributed else None
+    if meshes is not None and layout.ep > 1:
+        apply_expert_parallel(model, meshes)
     if train.compile != "off":
         model.compile_blocks(cuda_graphs=train.compile == "cudagraphs")
-    if ranks.distributed:
-        shard(model, ranks)
+    if meshes is not None:
+        shard(model, meshes, autocast_dtype(train, ranks.device), ranks.world_size)
     return model, frozen
 
 
-def shard(model: torch.nn.Module, ranks: Ranks) -> None:
-    """FSDP2 over the data-parallel mesh: each block is one unit, the root holds embedding, final norm and head."""
-    mesh = init_device_mesh(ranks.device.type, (ranks.world_size,), mesh_dim_names=("dp",))
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [block.mlp for block in model.layers if isinstance(block.mlp, MoE)]
+
+
+def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> None:
+    """Split each MoE layer's banks over the ep ranks (dim 0: whole experts; every rank built the same full model,
+    so each keeps its slice without communication) and route its slots through all-to-all."""
+    for moe in moe_layers(model):
+        bank = moe.experts
+        for name, param in list(bank.named_parameters(recurse=False)):
+            split = distribute_tensor(param.detach(), meshes.ep, [Shard(0)], src_data_rank=None)
+            setattr(bank, name, nn.Parameter(split, requires_grad=param.requires_grad))
+        moe.dispatch = ExpertParallel(meshes.ep.get_group(), moe.router.n_experts)
+
+
+def shard(model: nn.Module, meshes: Meshes, compute: torch.dtype | None, world_size: int) -> None:
+    """FSDP2 units (see the module docstring). `compute` is the autocast dtype, gathered in when set (bf16)."""
+    gathered = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        if isinstance(block.mlp, MoE) and isinstance(block.mlp.experts.up, DTensor):
+            experts = fully_shard(block.mlp.experts, mesh=meshes.experts, mp_policy=gathered)
+            experts.set_gradient_divide_factor(float(world_size))
+            if meshes.dense.device_type != "cuda":  # gloo has no pre-multiplied sum: sum, then divide
+                experts.set_force_sum_reduction_for_comms(True)
+        if compute is not None:
+            if isinstance(block.mlp, MoE):
+                fully_shard(block.mlp.router, mesh=meshes.dense, mp_policy=fp32)
+            if any(name in FP32_NAMES for name, _ in block.attn.named_parameters(recurse=False)):
+                fully_shard(block.attn, mesh=meshes.dense, mp_policy=fp32)
+        fully_shard(block, mesh=meshes.dense, mp_policy=gathered)
+    fully_shard(model, mesh=meshes.dense, mp_policy=gathered)

@@ -38,6 +38,7 @@ from vpmoe.spans import SUPERVISED
 from vpmoe.train import health, losses
 from vpmoe.train.config import TrainConfig, load_train_config
 from vpmoe.train.flops import peak_flops, train_flops_per_token
+from vpmoe.train.grad_norm import scale_grads_, total_norm
 from vpmoe.train.metrics import MetricsSink
 from vpmoe.train.objectives import build_objective
 from vpmoe.train.parallelize import autocast_dtype, build_student
@@ -121,7 +122,7 @@ class Trainer:
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
 
-        self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from)
+        self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from, cfg.parallel)
         self.autocast = autocast_dtype(cfg.train, ranks.device)
         self.objective = build_objective(cfg, ranks)
         self.objective.attach(self.model)
@@ -227,17 +228,11 @@ class Trainer:
 
     def clip_gradients(self) -> float:
         """Clip the global gradient norm of the model (sharded) and the stage's modules (replicated) together."""
-        sets = [[p.grad for p in module.parameters() if p.grad is not None] for module in (self.model, self.extra)]
-        sets = [grads for grads in sets if grads]
-        norms = []
-        for grads in sets:
-            norm = torch.nn.utils.get_total_norm(grads)
-            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        total = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))) if norms else 0.0
+        grads = [p.grad for module in (self.model, self.extra) for p in module.parameters() if p.grad is not None]
+        total = total_norm(grads)
         scale = self.cfg.train.grad_clip / (total + 1e-6)
         if self.cfg.train.grad_clip and scale < 1.0:
-            for grads in sets:
-                torch._foreach_mul_(grads, scale)
+            scale_grads_(grads, scale)
         return total
 
     def fail_non_finite(self, terms: dict[str, torch.Tensor], grad_norm: float) -> None:
