@@ -6,11 +6,15 @@
   block succeeds; on failure the temporary directory (which only this process wrote) is removed. An existing final
   directory is replaced only when the caller says it may be, and then by renaming it aside first, so that a crash
   leaves the old or the new directory, never neither.
+- `remove_dir`: a directory renamed aside, then deleted: its name is free at once, and a crash never leaves a
+  half-deleted directory under its name (a checkpoint without its data but with its completion mark).
+- `write_failed`: the one-line error of a job whose writing failed (a full disk, a file system gone read-only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -74,10 +78,27 @@ def staged_dir(final: str | Path, may_replace: Callable[[Path], bool] | None = N
 
 def replace_dir(source: Path, final: Path) -> None:
     """Move directory `source` to `final`; an existing `final` is renamed aside first and removed afterwards."""
-    aside = None
-    if final.exists():
-        aside = final.with_name(f".{final.name}.old{os.getpid()}")
-        os.replace(final, aside)
+    aside = _aside(final) if final.exists() else None
     os.replace(source, final)
     if aside is not None:
         shutil.rmtree(aside)
+
+
+def remove_dir(directory: Path) -> None:
+    """Remove a directory this process wrote, renamed aside first (see the module doc)."""
+    shutil.rmtree(_aside(directory))
+
+
+def _aside(directory: Path) -> Path:
+    aside = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    os.replace(directory, aside)
+    return aside
+
+
+def write_failed(e: OSError, job: str, where: Path, then: str = "run the same command to resume") -> RunError:
+    """The error for `job` ("the build") writing in `where` when the system refused: what, where, and what to do
+    (`then`: how to go on once it is fixed)."""
+    what = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"no space left for {job} in {where}{what}: free some space on that device and {then}")
+    return RunError(f"{job} in {where} could not go on: {e.strerror or e}{what}; fix that and {then}")
