@@ -8,6 +8,7 @@
   leaves the old or the new directory, never neither.
 - `remove_dir`: a directory renamed aside, then deleted: its name is free at once, and a crash never leaves a
   half-deleted directory under its name (a checkpoint without its data but with its completion mark).
+- `file_sha256`: the sha256 of a file, read in large blocks.
 - `write_failed`: the one-line error of a job whose writing failed (a full disk, a file system gone read-only).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +41,18 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, value: Any, sort_keys: bool = False) -> Path:
     return write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def hash_file(path: str | Path, digest, chunk: int = 1 << 22):
+    """Feed every byte of the file to `digest` (a hashlib object) and return it."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest
 
 
 def read_json(path: str | Path, what: str = "") -> Any:

@@ -14,6 +14,8 @@ from vpmoe.optim.config import OptimConfig
 class RunSection:
     dir: str  # the run directory: config.toml, provenance.json, metrics.jsonl, checkpoints/
     seed: int = 0
+    # Resume this run on another dataset than its checkpoints were trained on (provenance.json records both).
+    allow_dataset_change: bool = False
 
 
 @dataclass
