@@ -1,5 +1,9 @@
 """`vpmoe export PATH --out DIR`: any vpmoe checkpoint (run directory, training checkpoint, checkpoint object) as
 `config.json` + (sharded) `model.safetensors` + tokenizer files + `provenance.json`. Loading it back is bit-exact.
+
+The files are written into `<out>.partial/model/` and renamed to `<out>` when complete, as the data build does: the
+export holds `<out>.partial` locked (a second export to the same `--out` is refused with the first one's pid and
+host), and a `<out>.partial` that holds anything but an earlier export's leftovers is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -11,26 +15,63 @@ from pathlib import Path
 from vpmoe import provenance
 from vpmoe import tokenizer as tk
 from vpmoe.artifacts import weights
-from vpmoe.artifacts.files import staged_dir, write_json
+from vpmoe.artifacts.files import remove_dir, write_failed, write_json
+from vpmoe.artifacts.lock import lock_dir
 from vpmoe.artifacts.models import load_model, read_provenance, resolve, save_model
 from vpmoe.errors import UserError
 
 
+MARK = "export.json"  # in <out>.partial: an export wrote this directory
+
+
 def export(path: str | Path, out: str | Path, shard_bytes: int = weights.DEFAULT_SHARD_BYTES) -> Path:
-    """Write the model of `path` into the new directory `out` (staged beside it, renamed when complete)."""
+    """Write the model of `path` into the new directory `out` (staged in `<out>.partial`, renamed when complete)."""
     out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists: choose a new --out directory")
+    _check_out(out)
     source = resolve(path)
     model = load_model(source.directory)
-    with staged_dir(out) as tmp:
-        save_model(model, tmp, shard_bytes)
-        _write_tokenizer(tmp)
-        parent = read_provenance(source.directory)
-        record = provenance.record("export", "", parents=[parent] if parent else [],
-                                   source=provenance.portable_name(source.directory), shards=_count_shards(tmp))
-        write_json(tmp / "provenance.json", record)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with lock_dir(partial, "the export"):
+            _check_out(out)  # again, now that this process holds the partial directory
+            stage = _start(partial, source.directory)
+            save_model(model, stage, shard_bytes)
+            _write_tokenizer(stage)
+            parent = read_provenance(source.directory)
+            record = provenance.record("export", "", parents=[parent] if parent else [],
+                                       source=provenance.portable_name(source.directory), shards=_count_shards(stage))
+            write_json(stage / "provenance.json", record)
+            stage.rename(out)
+            remove_dir(partial)
+    except OSError as e:
+        raise write_failed(e, "the export", partial, "run the same command again") from None
     return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        raise UserError(f"{out} already exists: choose a new --out directory")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _start(partial: Path, source: Path) -> Path:
+    """A fresh `<out>.partial/model/`; an earlier export's leftovers (this export's mark) are removed, anything
+    else is refused."""
+    if (partial / MARK).is_file():
+        print(f"note: removing the unfinished export in {partial}")
+        for entry in partial.iterdir():
+            if entry.is_dir():
+                remove_dir(entry)
+            elif entry.name != MARK and not entry.name.startswith(".vpmoe"):  # not the lock file
+                entry.unlink()
+    elif any(not p.name.startswith(".") for p in partial.iterdir()):
+        raise UserError(f"{partial} exists but is not an export in progress: remove it, or choose another --out")
+    write_json(partial / MARK, {"source": provenance.portable_name(source)})
+    stage = partial / "model"
+    stage.mkdir()
+    return stage
 
 
 def _count_shards(directory: Path) -> int:

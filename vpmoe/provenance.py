@@ -7,7 +7,6 @@ when they live elsewhere) and identified by their sha256.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import vpmoe
 from vpmoe import tokenizer
+from vpmoe.artifacts.files import file_sha256, hash_file  # noqa: F401  (part of this module's interface)
 
 TOOLS = ("torch", "numpy", "openai-harmony", "tiktoken", "transformers", "safetensors")
 
@@ -44,18 +44,6 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def file_sha256(path: str | Path) -> str:
-    return hash_file(path, hashlib.sha256()).hexdigest()
-
-
-def hash_file(path: str | Path, digest, chunk: int = 1 << 22):
-    """Feed every byte of the file to `digest` (a hashlib object) and return it."""
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest
 
 
 def portable_name(path: str | Path) -> str:

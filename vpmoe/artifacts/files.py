@@ -6,11 +6,17 @@
   block succeeds; on failure the temporary directory (which only this process wrote) is removed. An existing final
   directory is replaced only when the caller says it may be, and then by renaming it aside first, so that a crash
   leaves the old or the new directory, never neither.
+- `remove_dir`: a directory renamed aside, then deleted: its name is free at once, and a crash never leaves a
+  half-deleted directory under its name (a checkpoint without its data but with its completion mark).
+- `file_sha256`: the sha256 of a file, read in large blocks.
+- `write_failed`: the one-line error of a job whose writing failed (a full disk, a file system gone read-only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -35,6 +41,18 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, value: Any, sort_keys: bool = False) -> Path:
     return write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def hash_file(path: str | Path, digest, chunk: int = 1 << 22):
+    """Feed every byte of the file to `digest` (a hashlib object) and return it."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest
 
 
 def read_json(path: str | Path, what: str = "") -> Any:
@@ -74,10 +92,27 @@ def staged_dir(final: str | Path, may_replace: Callable[[Path], bool] | None = N
 
 def replace_dir(source: Path, final: Path) -> None:
     """Move directory `source` to `final`; an existing `final` is renamed aside first and removed afterwards."""
-    aside = None
-    if final.exists():
-        aside = final.with_name(f".{final.name}.old{os.getpid()}")
-        os.replace(final, aside)
+    aside = _aside(final) if final.exists() else None
     os.replace(source, final)
     if aside is not None:
         shutil.rmtree(aside)
+
+
+def remove_dir(directory: Path) -> None:
+    """Remove a directory this process wrote, renamed aside first (see the module doc)."""
+    shutil.rmtree(_aside(directory))
+
+
+def _aside(directory: Path) -> Path:
+    aside = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    os.replace(directory, aside)
+    return aside
+
+
+def write_failed(e: OSError, job: str, where: Path, then: str = "run the same command to resume") -> RunError:
+    """The error for `job` ("the build") writing in `where` when the system refused: what, where, and what to do
+    (`then`: how to go on once it is fixed)."""
+    what = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunError(f"no space left for {job} in {where}{what}: free some space on that device and {then}")
+    return RunError(f"{job} in {where} could not go on: {e.strerror or e}{what}; fix that and {then}")

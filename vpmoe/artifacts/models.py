@@ -1,7 +1,7 @@
 """Checkpoint paths and the models they hold: resolve any path to what it is, load it, save a model.
 
 A path is one of
-  run        a training run directory (its latest complete checkpoint is used),
+  run        a training run directory (its latest complete and intact checkpoint is used),
   training   a training checkpoint `<run>/checkpoints/step_NNNNNNN/` (DCP, with model_config.json),
   object     a vpmoe checkpoint object or export: `config.json` (our ModelConfig) + `model.safetensors`, or shards
              `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
@@ -64,12 +64,16 @@ def resolve(path: str | Path) -> Artifact:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} is a file, not a checkpoint directory")
     if checkpoints.is_checkpoint(path):
+        problem = checkpoints.verify(path)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is damaged ({problem}): restore it, or name another step (a run "
+                            f"directory resolves to its latest intact checkpoint)")
         run = path.parent.parent if path.parent.name == checkpoints.ROOT else None
         return Artifact("training", path, run, checkpoints.step_of(path))
     if (path / CONFIG_FILE).is_file():
         kind = "object" if is_vpmoe_config(config_json(path)) else "hf"
         return Artifact(kind, path)
-    latest = checkpoints.latest(path)
+    latest = checkpoints.choose(path)
     if latest is None:
         raise UserError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
     return Artifact("training", latest, path, checkpoints.step_of(latest))

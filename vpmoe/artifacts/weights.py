@@ -1,16 +1,20 @@
 """Model weights as safetensors: one `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with a
 `model.safetensors.index.json` (the Hugging Face layout). Writing streams tensor by tensor, so a model larger than
-memory can be written while it is produced; loading checks every name and shape before copying anything.
+memory can be written while it is produced; loading checks every name and shape before copying anything. Files are
+written with the process's usual permissions (safetensors' temporary files are 0600) and a system error while
+writing (a full disk) is an OSError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vpmoe.artifacts.files import read_json
@@ -123,7 +127,14 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        os.chmod(path, 0o666 & ~_umask())
         self.written.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -143,6 +154,12 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return n
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_state(directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],

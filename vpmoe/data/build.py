@@ -16,12 +16,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import glob
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import queue
 import shutil
 import sys
@@ -34,11 +32,12 @@ import numpy as np
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts.files import remove_dir, write_failed
 from vpmoe.artifacts.lock import lock_dir
 from vpmoe.data.harmony import SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
 from vpmoe.data.indexed import IndexedWriter
 from vpmoe.data.records import ID_FIELD, read_records
-from vpmoe.errors import RunError, UserError
+from vpmoe.errors import UserError
 from vpmoe.spans import NAMES as SPAN_NAMES
 
 SCHEMA_VERSION = 1
@@ -116,7 +115,8 @@ def build(data: DataSection) -> Path:
         with lock_dir(partial, "the data build"):
             return _build(data, out, partial, inputs)
     except OSError as e:
-        raise _write_failed(e, partial) from None
+        raise write_failed(e, "the build", partial,
+                           f"run the same command to resume, or remove {partial} to start over") from None
     finally:
         if created:
             with contextlib.suppress(OSError):
@@ -166,7 +166,7 @@ def _build(data: DataSection, out: Path, partial: Path, inputs: list[Path]) -> P
 
     summary = _gather(shards, inputs, data, partial)
     if not any(summary["splits"][split]["samples"] for split in SPLITS):
-        _remove(partial)
+        remove_dir(partial)
         records = summary["records"]
         raise UserError(f"nothing to build: the {len(inputs)} input file(s) hold {records['read']} records, "
                         f"{records['accepted']} accepted: check data.inputs and data.format (nothing was written)")
@@ -178,24 +178,8 @@ def _build(data: DataSection, out: Path, partial: Path, inputs: list[Path]) -> P
     manifest = _manifest(summary, data, file_records(stage, DATASET_FILES))
     provenance.atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     stage.rename(out)
-    _remove(partial)
+    remove_dir(partial)
     return out
-
-
-def _write_failed(e: OSError, partial: Path) -> RunError:
-    what = f" ({e.filename})" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RunError(f"no space left for the build in {partial}{what}: free some space on that device and run "
-                        f"the same command to resume")
-    return RunError(f"the build in {partial} could not go on: {e.strerror or e}{what}; fix that and run the same "
-                    f"command to resume, or remove {partial} to start over")
-
-
-def _remove(directory: Path) -> None:
-    """Remove a directory this build wrote, renamed aside first so that its name is free at once."""
-    aside = directory.with_name(f".{directory.name}.removing{os.getpid()}")
-    os.replace(directory, aside)
-    shutil.rmtree(aside)
 
 
 def _file_identity(path: Path) -> dict:

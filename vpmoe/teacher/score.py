@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import json
 import os
 import shutil
@@ -28,11 +27,12 @@ import torch
 from tqdm import tqdm
 
 from vpmoe import config, distributed, provenance
+from vpmoe.artifacts.files import remove_dir, write_failed
 from vpmoe.artifacts.lock import lock_dir
 from vpmoe.data.build import file_records
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
 from vpmoe.data.loader import SplitReader, read_manifest
-from vpmoe.errors import RunError, UserError
+from vpmoe.errors import UserError
 from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.teacher import load
 from vpmoe.teacher.config import ScoreConfig, value_identity
@@ -130,17 +130,8 @@ def _score(cfg: ScoreConfig, config_hash: str, ranks: distributed.Ranks) -> dict
             section = _merge(cfg, config_hash, dataset, partial, shards) if ranks.is_main else None
             distributed.barrier(ranks)
         except OSError as e:
-            raise _write_failed(e, partial) from None
+            raise write_failed(e, "the teacher scoring run", partial) from None
     return section
-
-
-def _write_failed(e: OSError, partial: Path) -> RunError:
-    what = f" ({e.filename})" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RunError(f"no space left for the teacher scoring run in {partial}{what}: free some space on that "
-                        f"device and run the same command to resume")
-    return RunError(f"the teacher scoring run in {partial} could not go on: {e.strerror or e}{what}; fix that and run "
-                    f"the same command to resume")
 
 
 def _read_plan(partial: Path):
@@ -390,14 +381,12 @@ def _merge(cfg: ScoreConfig, config_hash: str, dataset: Path, partial: Path, sha
         provenance.atomic_write_text(dataset / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     for split in manifest.get("splits", {}):
         if sidecar_dir(dataset, split).exists():
-            shutil.rmtree(sidecar_dir(dataset, split))
+            remove_dir(sidecar_dir(dataset, split))
     for split, stage in staged.items():
         stage.rename(sidecar_dir(dataset, split))
     manifest["teacher"] = section
     provenance.atomic_write_text(dataset / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    aside = partial.with_name(f".{partial.name}.removing{os.getpid()}")  # the name is free at once
-    os.replace(partial, aside)
-    shutil.rmtree(aside)
+    remove_dir(partial)
     return section
 
 

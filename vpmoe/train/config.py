@@ -19,6 +19,8 @@ ONLINE_TEACHER_STAGES = ("kd_online", "opd")  # stages with a teacher in the loo
 class RunSection:
     dir: str  # the run directory: config.toml, provenance.json, metrics.jsonl, checkpoints/
     seed: int = 0
+    # Resume this run on another dataset than its checkpoints were trained on (provenance.json records both).
+    allow_dataset_change: bool = False
 
 
 @dataclass

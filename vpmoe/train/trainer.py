@@ -28,6 +28,7 @@ from vpmoe import config as config_io
 from vpmoe import distributed, provenance
 from vpmoe.artifacts import checkpoints
 from vpmoe.artifacts.files import write_text
+from vpmoe.artifacts.lock import lock_dir
 from vpmoe.artifacts.models import model_config, read_provenance
 from vpmoe.data.loader import Loader, read_manifest
 from vpmoe.distributed import Ranks, all_reduce_sum
@@ -35,7 +36,7 @@ from vpmoe.errors import RunError, UserError
 from vpmoe.model.config import ModelConfig, load_model_config, model_config_to_dict
 from vpmoe.optim import build_optimizer, build_scheduler
 from vpmoe.spans import SUPERVISED
-from vpmoe.train import health, losses
+from vpmoe.train import health, losses, resume
 from vpmoe.train.config import TrainConfig, load_train_config
 from vpmoe.train.flops import peak_flops, train_flops_per_token
 from vpmoe.train.grad_norm import scale_grads_, total_norm
@@ -53,7 +54,9 @@ def train(cfg: TrainConfig) -> Path:
     """Run the stage of `cfg` to its last step (resuming from its run directory); returns the run directory."""
     ranks = distributed.init(cfg.train.device)
     try:
-        return Trainer.from_config(cfg, ranks).run()
+        with contextlib.ExitStack() as held:  # rank 0 holds the run directory until the run is over
+            distributed.agree(ranks, lambda: held.enter_context(lock_dir(cfg.run.dir, "the training run")))
+            return Trainer.from_config(cfg, ranks).run()
     finally:
         distributed.finish(ranks)
 
@@ -139,6 +142,8 @@ class Trainer:
         if ranks.is_main:
             print(table)
         self.global_step = 0
+        self.start_step = 0  # where this start of the run began (its provenance record says so)
+        self.previous_provenance: dict | None = None  # the run's record before this start
         self.window = Window()
         self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
         self.peak = peak_flops(ranks.device)
@@ -319,10 +324,14 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
 
     def resume(self) -> Path | None:
-        """Load the run directory's latest complete checkpoint, if any."""
-        path = checkpoints.latest(self.run_dir)
+        """Load the run directory's latest intact checkpoint, if any, once it is known to hold this model, stage and
+        dataset (vpmoe.train.resume)."""
+        path = checkpoints.choose(self.run_dir, self.ranks)
         if path is not None:
+            distributed.agree(self.ranks, lambda: resume.check(self.cfg, path, self.model_cfg, self.manifest))
             self.load_state_dict(checkpoints.load(path, self.model, self.optimizer, self.ranks, self.extra))
+        self.start_step = self.global_step
+        self.previous_provenance = resume.previous_record(self.run_dir, path)
         return path
 
     def save(self) -> Path:
@@ -339,8 +348,9 @@ class Trainer:
             parents.append(init or {"init_from": provenance.portable_name(self.cfg.model.init_from)})
         parents += self.objective.provenance()
         record = provenance.record("run", config_io.config_hash(self.cfg), parents=parents,
-                                   stage=self.cfg.train.stage, world_size=self.ranks.world_size)
-        return json.dumps(record, indent=2) + "\n"
+                                   stage=self.cfg.train.stage, world_size=self.ranks.world_size,
+                                   dataset_sha256=resume.dataset_sha256(self.manifest), from_step=self.start_step)
+        return json.dumps(resume.with_history(record, self.previous_provenance), indent=2) + "\n"
 
     # ---- the run -----------------------------------------------------------------------------------------------
 
@@ -354,7 +364,7 @@ class Trainer:
                 print(f"resumed from {resumed} (step {self.global_step})")
             write_text(self.run_dir / "config.toml", config_io.dumps_toml(cfg))
             write_text(self.run_dir / "provenance.json", self.provenance_text())
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
+            resume.truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
         sink = MetricsSink(self.run_dir, cfg.logging, self.run_dir.name, config_io.to_dict(cfg)) \
             if ranks.is_main else None
         bar = tqdm(total=cfg.train.steps, initial=self.global_step, desc=f"train {cfg.train.stage}", unit="step",
@@ -393,13 +403,3 @@ def dataset_seq_len(cfg: TrainConfig, manifest: dict) -> int:
         raise UserError(f"data.seq_len = {asked} but {cfg.data.path} was built with seq_len {built}; leave "
                         f"data.seq_len out (or at most {built}), or build the dataset for {asked}")
     return asked
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after `step` (a resumed run logs those steps again)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        write_text(path, "".join(line + "\n" for line in kept))
