@@ -8,6 +8,7 @@
                                       complete.json (written last, before the rename)
 Only directories named step_NNNNNNN that hold complete.json are ever resumed from. Saving a step that exists
 replaces it by renaming (the old one is moved aside first), so a crash leaves a complete checkpoint of that step.
+Pruning (all but the last `keep`) removes a checkpoint's completion marker before its files.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": ranks.world_size}) + "\n")
         replace_dir(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep]:
+            (old / COMPLETE).unlink()  # unmarked first: pruning cut short never leaves a half checkpoint marked
             shutil.rmtree(old)
     barrier(ranks)
     return final
