@@ -243,3 +243,33 @@ def test_refuses_a_donor_that_does_not_match_the_registry_facts(chain, tmp_path)
     cfg["rope_parameters"]["rope_theta"] = 10000.0
     (tmp_path / "donor" / "config.json").write_text(json.dumps(cfg))
     _refuse(tmp_path, "surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "donor", "RoPE base", name="rope")
+
+
+def test_steps_are_dispatched_from_the_table_of_step_objects(chain, tmp_path, monkeypatch):
+    from vpmoe.upcycle import steps
+    from vpmoe.upcycle.config import STEPS as STEP_NAMES
+
+    assert list(steps.STEPS) == list(STEP_NAMES)
+    assert all(callable(s.run) and callable(s.summary) and isinstance(s.numbers, tuple) for s in steps.STEPS.values())
+    expand = steps.STEPS["expand"]
+    calls = []
+
+    class Recording:
+        numbers = expand.numbers
+
+        def run(self, ctx):
+            calls.append((ctx.cfg.upcycle.step, ctx.staging.name.startswith(".out."), len(ctx.rows)))
+            return expand.run(ctx)
+
+        def summary(self, report):
+            return "recorded"
+
+    monkeypatch.setitem(steps.STEPS, "expand", Recording())
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "real", tmp_path / "real")
+    path = tmp_path / "expand.toml"
+    path.write_text(testing.step_config_text("expand", "vpDense0-5_28.real", "vpDense", tmp_path / "real",
+                                             tmp_path / "out", tmp_path / "objects.toml", records=1))
+    out, summary = upcycle(load_upcycle_config(path))
+    assert calls == [("expand", True, 1)] and summary == "recorded"
+    assert drift_of(out)["step_numbers"]["new_layers"] == read_provenance(out)["details"]["new_layers"]
