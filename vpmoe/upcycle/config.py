@@ -22,6 +22,8 @@ from typing import Literal
 from vpmoe import config as config_io
 
 STEPS = ("transplant", "surgery", "morph", "expand", "granular")
+# Parameter groups the block-wise morph may train (vpmoe.upcycle.blockfit.trainable_names says what each holds).
+FIT_GROUPS = ("tpa", "bias", "sink", "value_residual", "frequency", "global_qk")
 
 
 @dataclass
@@ -83,10 +85,37 @@ class SurgerySection:
 
 @dataclass
 class MorphSection:
-    """Step 3: compat -> real."""
+    """Step 3: compat -> real. method "mapped": the weight mapping alone; "blockwise": then every real block is
+    fitted to its compat block on calibration activations (vpmoe.upcycle.blockfit); "auto": blockwise when
+    `calibration` names a dataset, else mapped."""
 
     sink_init: float = -10.0
     value_residual_init: float = -10.0
+    method: Literal["auto", "mapped", "blockwise"] = "auto"
+    calibration: str = ""  # a dataset built by `vpmoe data build`; its train split's first samples are used
+    fit_samples: int = 32  # samples the blocks are fitted on
+    heldout_samples: int = 8  # the next samples: the per-block error before and after is measured on them
+    max_tokens: int = 512  # each sample is cut to its first max_tokens tokens
+    steps: int = 200  # Adam steps per block (the budget)
+    lr: float = 1e-3
+    rows_per_step: int = 4
+    q_init: Literal["whitened", "svd"] = "whitened"  # TPA Q of local layers: activation-aware SVD or the mapping's
+    trainable: list[str] = field(default_factory=lambda: list(FIT_GROUPS))
+
+    def validate(self) -> None:
+        if self.method == "blockwise" and not self.calibration:
+            raise ValueError("morph.method = \"blockwise\" needs morph.calibration (a dataset directory)")
+        if min(self.fit_samples, self.heldout_samples, self.rows_per_step) < 1 or self.max_tokens < 2:
+            raise ValueError("morph.fit_samples, heldout_samples and rows_per_step must be at least 1, max_tokens 2")
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("morph.steps must be >= 0 and morph.lr positive")
+        unknown = [g for g in self.trainable if g not in FIT_GROUPS]
+        if unknown:
+            raise ValueError(f"morph.trainable: unknown group {unknown[0]!r}; groups are {list(FIT_GROUPS)}")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.method == "blockwise" or (self.method == "auto" and bool(self.calibration))
 
 
 @dataclass
