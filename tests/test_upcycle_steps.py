@@ -273,3 +273,29 @@ def test_steps_are_dispatched_from_the_table_of_step_objects(chain, tmp_path, mo
     out, summary = upcycle(load_upcycle_config(path))
     assert calls == [("expand", True, 1)] and summary == "recorded"
     assert drift_of(out)["step_numbers"]["new_layers"] == read_provenance(out)["details"]["new_layers"]
+
+
+def test_morph_with_a_calibration_dataset_fits_blocks_and_records_their_errors(chain, tmp_path, synth_dataset):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "compat", tmp_path / "compat")
+    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
+             f'max_tokens = 48\n[morph]\nsteps = 2\nrows_per_step = 1')
+    out = run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real", records=1,
+                   extra=extra)
+    numbers = drift_of(out)["step_numbers"]
+    assert numbers["method"] == "blockwise"
+    fit = numbers["blockwise"]
+    assert fit["fit_tokens"] == 2 * 48 and fit["heldout_tokens"] == 48 and "/tmp" not in fit["calibration"]
+    assert [b["layer"] for b in fit["blocks"]] == list(range(8))
+    for block in fit["blocks"]:
+        err = block["rel_err"]
+        assert set(err) == {"mapped", "init", "fit"} and block["kept"] in ("mapped", "fit")
+        assert min(err["mapped"], err["fit"]) > 0
+    # the mapped-only path (no calibration: method auto -> mapped) is what the chain fixture wrote
+    assert drift_of(chain / "real")["step_numbers"]["method"] == "mapped"
+    assert "blockwise" not in drift_of(chain / "real")["step_numbers"]
+    kept_fit = [b["layer"] for b in fit["blocks"] if b["kept"] == "fit"]
+    fitted, mapped = load_model(out).state_dict(), load_model(chain / "real").state_dict()
+    for layer in range(8):
+        same = all(torch.equal(fitted[k], mapped[k]) for k in fitted if k.startswith(f"layers.{layer}."))
+        assert same == (layer not in kept_fit)

@@ -106,20 +106,15 @@ class Morph(_VpmoeStep):
         m = ctx.cfg.morph
         source = load_model(ctx.cfg.upcycle.input)
         result, details = morph.convert(source, target_cfg, m.sink_init, m.value_residual_init)
-        details["method"] = "blockwise" if m.blockwise else "mapped"
-        if m.blockwise:
-            rows = drift.dataset_rows(m.calibration, 0, m.fit_samples + m.heldout_samples, m.max_tokens)
-            _check_vocab(target_cfg.model.vocab_size, rows)
+        details["method"] = "blockwise" if ctx.cfg.blockwise_morph else "mapped"
+        if ctx.cfg.blockwise_morph:
+            fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
             settings = blockfit.FitSettings(steps=m.steps, lr=m.lr, rows_per_step=m.rows_per_step, q_init=m.q_init,
                                             trainable=tuple(m.trainable))
-            bar = tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block")
-            try:
-                details["blockwise"] = blockfit.fit_blocks(source, result, rows[:m.fit_samples],
-                                                           rows[m.fit_samples:], settings,
+            with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
+                details["blockwise"] = blockfit.fit_blocks(source, result, fit_rows, heldout_rows, settings,
                                                            progress=lambda layer, entry: bar.update())
-            finally:
-                bar.close()
-            details["blockwise"]["calibration"] = portable_name(m.calibration)
+            details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
         return drift.vpmoe_logits(source), result, details
 
 
@@ -133,18 +128,31 @@ class Expand(_VpmoeStep):
 
 
 class Granular(_VpmoeStep):
-    numbers = ("noise", "noise_std", "router_std", "router_margins")
+    numbers = ("noise", "noise_std", "router_std", "router_margins", "router_fit")
 
     def convert(self, ctx: StepContext, target_cfg):
         u, g = ctx.cfg.upcycle, ctx.cfg.granular
         source = load_model(u.input)
         result, details = granular.convert(source, target_cfg, u.seed, g.router_std, g.noise)
+        if g.fit_router:
+            fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
+            details["router_fit"] = granular.fit_router(source, result, fit_rows, heldout_rows, details["slices"],
+                                                        g.router_fit_steps, g.router_fit_lr)
+            details["router_fit"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
         details["router_margins"] = granular.router_margins(result, ctx.rows, details["slices"])
         return drift.vpmoe_logits(source), result, details
 
 
 STEPS = {"transplant": Transplant(), "surgery": Surgery(), "morph": Morph(), "expand": Expand(),
          "granular": Granular()}
+
+
+def _fit_data(ctx: StepContext, vocab: int) -> tuple[list[CalibrationRow], list[CalibrationRow]]:
+    """The fit rows and the held-out rows of [fit_data]."""
+    f = ctx.cfg.fit_data
+    rows = drift.dataset_rows(f.dataset, 0, f.fit_samples + f.heldout_samples, f.max_tokens)
+    _check_vocab(vocab, rows)
+    return rows[:f.fit_samples], rows[f.fit_samples:]
 
 
 def _check_vocab(vocab: int, rows: list[CalibrationRow]) -> None:
