@@ -299,3 +299,36 @@ def test_morph_with_a_calibration_dataset_fits_blocks_and_records_their_errors(c
     for layer in range(8):
         same = all(torch.equal(fitted[k], mapped[k]) for k in fitted if k.startswith(f"layers.{layer}."))
         assert same == (layer not in kept_fit)
+
+
+def test_healing_after_a_step_trains_the_object_and_reports_before_and_after(chain, tmp_path, synth_dataset):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "compat", tmp_path / "compat")
+    heal_cfg = tmp_path / "heal.toml"
+    heal_cfg.write_text("\n".join([
+        "[run]", 'dir = "unused"', "[model]", 'config = "unused"', "[data]", f'path = "{synth_dataset.as_posix()}"',
+        "[train]", "steps = 50", 'device = "cpu"', 'precision = "fp32"', "log_every = 1",
+        "[optim]", "lr_matrix = 0.02", "lr_adam = 0.01", "warmup_steps = 1", "[checkpoint]", "every = 100", ""]))
+    extra = f'[heal]\nconfig = "{heal_cfg.as_posix()}"\nsteps = 3\noverrides = ["optim.lr_adam=0.005"]'
+    out = run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real", records=1,
+                   extra=extra)
+    report = drift_of(out)
+    healing = report["healing"]
+    assert healing["steps"] == 3 and healing["run_dir"].endswith("real.heal") and "/tmp" not in json.dumps(healing)
+    for when in ("after_conversion", "after_healing"):
+        assert set(healing[when]) == {"held_out_loss", "source_loss", "top1_agreement", "kl_mean"}
+    assert healing["after_conversion"]["held_out_loss"] != healing["after_healing"]["held_out_loss"]
+    assert report["metrics"]["spans"]["all"]["result_nll"] == healing["after_healing"]["held_out_loss"]
+    # the object holds the healed weights: the healing run's last checkpoint, not the conversion (the mapped morph)
+    healed, mapped = load_model(out), load_model(chain / "real")
+    from_run = load_model(tmp_path / "real.heal")
+    assert all(torch.equal(t, from_run.state_dict()[k]) for k, t in healed.state_dict().items())
+    assert not torch.equal(healed.layers[0].attn.q_b.weight, mapped.layers[0].attn.q_b.weight)
+    assert read_provenance(out)["details"]["healing"]["steps"] == 3
+    # a second run refuses to reuse the healing run directory
+    from vpmoe.errors import UserError
+
+    with pytest.raises(UserError, match="healing run directory"):
+        run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real2", records=1,
+                 extra=extra.replace("steps = 3", f'steps = 3\nrun_dir = "{(tmp_path / "real.heal").as_posix()}"'),
+                 name="again")

@@ -143,6 +143,20 @@ class GranularSection:
 
 
 @dataclass
+class HealSection:
+    """An optional short healing stage after the conversion (vpmoe.upcycle.heal): `vpmoe train` on the new object."""
+
+    config: str = ""  # a train config, shipped name (heal_real, heal_compat) or path; "" = no healing
+    steps: int = 0  # 0: the train config's own train.steps
+    run_dir: str = ""  # the healing run's directory; "" = `<output>.heal` beside the output
+    overrides: list[str] = field(default_factory=list)  # `section.key=value` overrides of the train config
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ValueError("heal.steps must be >= 0")
+
+
+@dataclass
 class UpcycleConfig:
     upcycle: UpcycleSection
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
@@ -151,8 +165,11 @@ class UpcycleConfig:
     surgery: SurgerySection = field(default_factory=SurgerySection)
     morph: MorphSection = field(default_factory=MorphSection)
     granular: GranularSection = field(default_factory=GranularSection)
+    heal: HealSection = field(default_factory=HealSection)
 
     def validate(self) -> None:
+        if self.heal.config and self.upcycle.step == "transplant":
+            raise ValueError("heal: the transplant writes a Hugging Face model, which `vpmoe train` does not train")
         if self.morph.method == "blockwise" and not self.fit_data.dataset:
             raise ValueError("morph.method = \"blockwise\" needs fit_data.dataset (a dataset directory)")
         if self.granular.fit_router and not self.fit_data.dataset:

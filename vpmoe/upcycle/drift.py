@@ -154,6 +154,14 @@ def hf_logits(model) -> LogitsFn:
     return run
 
 
+def brief(report: dict) -> dict:
+    """The headline numbers of a report (all positions): the result's held-out loss (mean next-token NLL on the
+    calibration batch, which no step trains on), the source's, top-1 agreement with the source, KL."""
+    a = report["spans"]["all"]
+    return {"held_out_loss": a["result_nll"], "source_loss": a["source_nll"], "top1_agreement": a["top1_agreement"],
+            "kl_mean": a["kl_mean"]}
+
+
 def summary(report: dict) -> str:
     a = report["spans"]["all"]
     return (f"KL {a['kl_mean']:.4g} nats, top-1 agreement {a['top1_agreement']:.3f}, "

@@ -5,7 +5,9 @@
 3. Run the step, dispatched by name from `steps.STEPS` (one interface for all five): it converts, writes the new
    object into a staging directory beside the output (weights + config.json, or the HF directory for the
    transplant) and measures drift on the fixed calibration batch.
-4. Write drift.json and provenance.json, check the result against the target's entry, then move it into place.
+4. Optionally heal: a short `vpmoe train` stage on the new object ([heal]), measured again (drift.json "healing":
+   held-out loss and top-1 agreement with the source after the conversion and after healing).
+5. Write drift.json (its metrics are the final object's) and provenance.json, check the result against the target's entry, then move it into place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from vpmoe import config as config_io
 from vpmoe.errors import UserError
 from vpmoe.provenance import portable_name, record
-from vpmoe.upcycle import drift, objects
+from vpmoe.upcycle import drift, heal, objects
 from vpmoe.upcycle.config import UpcycleConfig, load_upcycle_config
 from vpmoe.upcycle.registry import Registry, load_registry
 from vpmoe.upcycle.steps import STEPS, StepContext
@@ -56,11 +58,20 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
     rows = drift.calibration_rows(cfg.calibration)
     result = step.run(StepContext(cfg, registry, staging, rows))
     details, report = result.details, result.report
+    numbers = {k: details[k] for k in step.numbers if k in details}
+    healing = None
+    if cfg.heal.config:
+        healed, details["healing"] = heal.heal(cfg, staging, target.model_config())
+        healed_report = drift.drift_report(result.source, drift.vpmoe_logits(healed), rows)
+        healing = {**details["healing"], "after_conversion": drift.brief(report),
+                   "after_healing": drift.brief(healed_report)}
+        report = healed_report
     output_digest = objects.weights_sha256(staging)
     calibration = {**config_io.to_dict(cfg.calibration), "tokens": int(sum(len(r.tokens) for r in rows))}
-    numbers = {k: details[k] for k in step.numbers if k in details}
     drift_doc = {"step": u.step, "source": source.name, "target": target.name, "calibration": calibration,
                  "metrics": report, "step_numbers": numbers}
+    if healing is not None:
+        drift_doc["healing"] = healing
     objects.write_json(staging / objects.DRIFT_FILE, drift_doc)
     parent = _parent_record(given["provenance"], source.name, given["weights_sha256"])
     prov = record(

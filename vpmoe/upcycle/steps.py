@@ -34,6 +34,7 @@ class StepContext:
 class StepOutput:
     details: dict  # the step's own record (provenance "details")
     report: dict  # drift of the result from its source on the calibration batch
+    source: drift.LogitsFn | None = None  # the source's logits (vpmoe results: healing measures again with it)
 
 
 class Transplant:
@@ -73,7 +74,7 @@ class _VpmoeStep:
         source_fn, result, details = self.convert(ctx, target_cfg)
         report = drift.drift_report(source_fn, drift.vpmoe_logits(result), ctx.rows)
         save_model(result, ctx.staging)
-        return StepOutput(details, report)
+        return StepOutput(details, report, source_fn)
 
     def convert(self, ctx: StepContext, target_cfg):
         """(the source's logits function, the result model, details)."""
