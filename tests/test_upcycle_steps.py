@@ -243,3 +243,92 @@ def test_refuses_a_donor_that_does_not_match_the_registry_facts(chain, tmp_path)
     cfg["rope_parameters"]["rope_theta"] = 10000.0
     (tmp_path / "donor" / "config.json").write_text(json.dumps(cfg))
     _refuse(tmp_path, "surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "donor", "RoPE base", name="rope")
+
+
+def test_steps_are_dispatched_from_the_table_of_step_objects(chain, tmp_path, monkeypatch):
+    from vpmoe.upcycle import steps
+    from vpmoe.upcycle.config import STEPS as STEP_NAMES
+
+    assert list(steps.STEPS) == list(STEP_NAMES)
+    assert all(callable(s.run) and callable(s.summary) and isinstance(s.numbers, tuple) for s in steps.STEPS.values())
+    expand = steps.STEPS["expand"]
+    calls = []
+
+    class Recording:
+        numbers = expand.numbers
+
+        def run(self, ctx):
+            calls.append((ctx.cfg.upcycle.step, ctx.staging.name.startswith(".out."), len(ctx.rows)))
+            return expand.run(ctx)
+
+        def summary(self, report):
+            return "recorded"
+
+    monkeypatch.setitem(steps.STEPS, "expand", Recording())
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "real", tmp_path / "real")
+    path = tmp_path / "expand.toml"
+    path.write_text(testing.step_config_text("expand", "vpDense0-5_28.real", "vpDense", tmp_path / "real",
+                                             tmp_path / "out", tmp_path / "objects.toml", records=1))
+    out, summary = upcycle(load_upcycle_config(path))
+    assert calls == [("expand", True, 1)] and summary == "recorded"
+    assert drift_of(out)["step_numbers"]["new_layers"] == read_provenance(out)["details"]["new_layers"]
+
+
+def test_morph_with_a_calibration_dataset_fits_blocks_and_records_their_errors(chain, tmp_path, synth_dataset):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "compat", tmp_path / "compat")
+    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
+             f'max_tokens = 48\n[morph]\nsteps = 2\nrows_per_step = 1')
+    out = run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real", records=1,
+                   extra=extra)
+    numbers = drift_of(out)["step_numbers"]
+    assert numbers["method"] == "blockwise"
+    fit = numbers["blockwise"]
+    assert fit["fit_tokens"] == 2 * 48 and fit["heldout_tokens"] == 48 and "/tmp" not in fit["calibration"]
+    assert [b["layer"] for b in fit["blocks"]] == list(range(8))
+    for block in fit["blocks"]:
+        err = block["rel_err"]
+        assert set(err) == {"mapped", "init", "fit"} and block["kept"] in ("mapped", "fit")
+        assert min(err["mapped"], err["fit"]) > 0
+    # the mapped-only path (no calibration: method auto -> mapped) is what the chain fixture wrote
+    assert drift_of(chain / "real")["step_numbers"]["method"] == "mapped"
+    assert "blockwise" not in drift_of(chain / "real")["step_numbers"]
+    kept_fit = [b["layer"] for b in fit["blocks"] if b["kept"] == "fit"]
+    fitted, mapped = load_model(out).state_dict(), load_model(chain / "real").state_dict()
+    for layer in range(8):
+        same = all(torch.equal(fitted[k], mapped[k]) for k in fitted if k.startswith(f"layers.{layer}."))
+        assert same == (layer not in kept_fit)
+
+
+def test_healing_after_a_step_trains_the_object_and_reports_before_and_after(chain, tmp_path, synth_dataset):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "compat", tmp_path / "compat")
+    heal_cfg = tmp_path / "heal.toml"
+    heal_cfg.write_text("\n".join([
+        "[run]", 'dir = "unused"', "[model]", 'config = "unused"', "[data]", f'path = "{synth_dataset.as_posix()}"',
+        "[train]", "steps = 50", 'device = "cpu"', 'precision = "fp32"', "log_every = 1",
+        "[optim]", "lr_matrix = 0.02", "lr_adam = 0.01", "warmup_steps = 1", "[checkpoint]", "every = 100", ""]))
+    extra = f'[heal]\nconfig = "{heal_cfg.as_posix()}"\nsteps = 3\noverrides = ["optim.lr_adam=0.005"]'
+    out = run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real", records=1,
+                   extra=extra)
+    report = drift_of(out)
+    healing = report["healing"]
+    assert healing["steps"] == 3 and healing["run_dir"].endswith("real.heal") and "/tmp" not in json.dumps(healing)
+    for when in ("after_conversion", "after_healing"):
+        assert set(healing[when]) == {"held_out_loss", "source_loss", "top1_agreement", "kl_mean"}
+    assert healing["after_conversion"]["held_out_loss"] != healing["after_healing"]["held_out_loss"]
+    assert report["metrics"]["spans"]["all"]["result_nll"] == healing["after_healing"]["held_out_loss"]
+    # the object holds the healed weights: the healing run's last checkpoint, not the conversion (the mapped morph)
+    healed, mapped = load_model(out), load_model(chain / "real")
+    from_run = load_model(tmp_path / "real.heal")
+    assert all(torch.equal(t, from_run.state_dict()[k]) for k, t in healed.state_dict().items())
+    assert not torch.equal(healed.layers[0].attn.q_b.weight, mapped.layers[0].attn.q_b.weight)
+    assert read_provenance(out)["details"]["healing"]["steps"] == 3
+    # a second run refuses to reuse the healing run directory
+    from vpmoe.errors import UserError
+
+    with pytest.raises(UserError, match="healing run directory"):
+        run_step(tmp_path, "morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real2", records=1,
+                 extra=extra.replace("steps = 3", f'steps = 3\nrun_dir = "{(tmp_path / "real.heal").as_posix()}"'),
+                 name="again")

@@ -9,5 +9,6 @@ hf.py          Hugging Face directories: facts, weights, tokenizer, forward
 drift.py       the calibration batch and the drift report
 transplant.py  step 1 (mergekit tokensurgeon)     surgery.py  step 2     morph.py  step 3
 expand.py      step 4                             granular.py step 5
+steps.py       the five steps behind one interface (STEPS)
 run.py         `vpmoe upcycle CONFIG`
 """

@@ -22,6 +22,8 @@ from typing import Literal
 from vpmoe import config as config_io
 
 STEPS = ("transplant", "surgery", "morph", "expand", "granular")
+# Parameter groups the block-wise morph may train (vpmoe.upcycle.blockfit.trainable_names says what each holds).
+FIT_GROUPS = ("tpa", "bias", "sink", "value_residual", "frequency", "global_qk")
 
 
 @dataclass
@@ -82,11 +84,43 @@ class SurgerySection:
 
 
 @dataclass
+class FitDataSection:
+    """The calibration data of the fits (step 3's block-wise morph, step 5's router fit): the first samples of the
+    train split of a dataset built by `vpmoe data build`."""
+
+    dataset: str = ""  # "" = no fit data
+    fit_samples: int = 32  # samples the fits are fitted on
+    heldout_samples: int = 8  # the next samples: errors before and after are measured on them
+    max_tokens: int = 512  # each sample is cut to its first max_tokens tokens
+
+    def validate(self) -> None:
+        if min(self.fit_samples, self.heldout_samples) < 1 or self.max_tokens < 2:
+            raise ValueError("fit_data.fit_samples and heldout_samples must be at least 1, max_tokens at least 2")
+
+
+@dataclass
 class MorphSection:
-    """Step 3: compat -> real."""
+    """Step 3: compat -> real. method "mapped": the weight mapping alone; "blockwise": then every real block is
+    fitted to its compat block on calibration activations (vpmoe.upcycle.blockfit, data from [fit_data]); "auto":
+    blockwise when fit_data.dataset names a dataset, else mapped."""
 
     sink_init: float = -10.0
     value_residual_init: float = -10.0
+    method: Literal["auto", "mapped", "blockwise"] = "auto"
+    steps: int = 200  # Adam steps per block (the budget)
+    lr: float = 1e-3
+    rows_per_step: int = 4
+    q_init: Literal["whitened", "svd"] = "whitened"  # TPA Q of local layers: activation-aware SVD or the mapping's
+    trainable: list[str] = field(default_factory=lambda: list(FIT_GROUPS))
+
+    def validate(self) -> None:
+        if self.rows_per_step < 1:
+            raise ValueError("morph.rows_per_step must be at least 1")
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("morph.steps must be >= 0 and morph.lr positive")
+        unknown = [g for g in self.trainable if g not in FIT_GROUPS]
+        if unknown:
+            raise ValueError(f"morph.trainable: unknown group {unknown[0]!r}; groups are {list(FIT_GROUPS)}")
 
 
 @dataclass
@@ -95,20 +129,55 @@ class GranularSection:
 
     router_std: float = 0.02  # std of the random router rows (one per virtual group, then replicated)
     noise: float = 0.0  # symmetry-breaking noise on expert weights, relative to each weight tensor's std
+    # Fit the router rows on [fit_data] so that each token picks the virtual group whose (noisy) experts best
+    # reproduce the dense FFN (vpmoe.upcycle.granular.fit_router); only meaningful with noise > 0.
+    fit_router: bool = False
+    router_fit_steps: int = 200
+    router_fit_lr: float = 1e-2
 
     def validate(self) -> None:
         if self.router_std <= 0 or self.noise < 0:
             raise ValueError("granular.router_std must be positive and granular.noise non-negative")
+        if self.router_fit_steps < 1 or self.router_fit_lr <= 0:
+            raise ValueError("granular.router_fit_steps must be at least 1 and router_fit_lr positive")
+
+
+@dataclass
+class HealSection:
+    """An optional short healing stage after the conversion (vpmoe.upcycle.heal): `vpmoe train` on the new object."""
+
+    config: str = ""  # a train config, shipped name (heal_real, heal_compat) or path; "" = no healing
+    steps: int = 0  # 0: the train config's own train.steps
+    run_dir: str = ""  # the healing run's directory; "" = `<output>.heal` beside the output
+    overrides: list[str] = field(default_factory=list)  # `section.key=value` overrides of the train config
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ValueError("heal.steps must be >= 0")
 
 
 @dataclass
 class UpcycleConfig:
     upcycle: UpcycleSection
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    fit_data: FitDataSection = field(default_factory=FitDataSection)
     transplant: TransplantSection = field(default_factory=TransplantSection)
     surgery: SurgerySection = field(default_factory=SurgerySection)
     morph: MorphSection = field(default_factory=MorphSection)
     granular: GranularSection = field(default_factory=GranularSection)
+    heal: HealSection = field(default_factory=HealSection)
+
+    def validate(self) -> None:
+        if self.heal.config and self.upcycle.step == "transplant":
+            raise ValueError("heal: the transplant writes a Hugging Face model, which `vpmoe train` does not train")
+        if self.morph.method == "blockwise" and not self.fit_data.dataset:
+            raise ValueError("morph.method = \"blockwise\" needs fit_data.dataset (a dataset directory)")
+        if self.granular.fit_router and not self.fit_data.dataset:
+            raise ValueError("granular.fit_router needs fit_data.dataset (a dataset directory)")
+
+    @property
+    def blockwise_morph(self) -> bool:
+        return self.morph.method == "blockwise" or (self.morph.method == "auto" and bool(self.fit_data.dataset))
 
 
 def load_upcycle_config(path: str | Path, overrides: list[str] | None = None) -> UpcycleConfig:

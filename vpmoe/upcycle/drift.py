@@ -19,6 +19,7 @@ import torch
 
 from vpmoe.data import synthetic
 from vpmoe.data.harmony import HarmonyRenderer, Reject
+from vpmoe.data.loader import SplitReader
 from vpmoe.errors import UserError
 from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.upcycle.config import CalibrationSection
@@ -46,6 +47,20 @@ def calibration_rows(cal: CalibrationSection, records: int | None = None, seed: 
             raise UserError(f"calibration record {record['synthetic_id']} cannot be rendered in "
                             f"calibration.seq_len = {cal.seq_len} tokens ({e.reason})") from None
         rows.append(CalibrationRow(out.tokens, out.spans))
+    return rows
+
+
+def dataset_rows(dataset: str, start: int, count: int, max_tokens: int, split: str = "train") -> list[CalibrationRow]:
+    """Samples start .. start + count - 1 of a split of a dataset built by `vpmoe data build`, each cut to its first
+    `max_tokens` tokens (the calibration data of the fits)."""
+    reader = SplitReader(dataset, split)
+    if start + count > len(reader):
+        raise UserError(f"{dataset}: split {split!r} has {len(reader)} samples; {start + count} are needed")
+    rows = []
+    for i in range(start, start + count):
+        tokens, spans = reader.sample(i)
+        rows.append(CalibrationRow(np.asarray(tokens[:max_tokens], dtype=np.int32),
+                                   np.asarray(spans[:max_tokens], dtype=np.uint8)))
     return rows
 
 
@@ -137,6 +152,14 @@ def hf_logits(model) -> LogitsFn:
             return model(input_ids=ids[None]).logits[0].float()
 
     return run
+
+
+def brief(report: dict) -> dict:
+    """The headline numbers of a report (all positions): the result's held-out loss (mean next-token NLL on the
+    calibration batch, which no step trains on), the source's, top-1 agreement with the source, KL."""
+    a = report["spans"]["all"]
+    return {"held_out_loss": a["result_nll"], "source_loss": a["source_nll"], "top1_agreement": a["top1_agreement"],
+            "kl_mean": a["kl_mean"]}
 
 
 def summary(report: dict) -> str:

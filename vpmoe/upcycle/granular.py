@@ -138,3 +138,91 @@ def router_margins(model: Transformer, rows, g: int, tol: float = 1e-6) -> dict:
         "router_near_ties": sum(int((v < tol).sum()) for v in all_gaps.values()),
         "tie_tolerance": tol,
     }
+
+
+def fit_router(dense: Transformer, model: Transformer, fit_rows, heldout_rows, g: int, steps: int,
+               lr: float, chunk: int = 256) -> dict:
+    """Fit every MoE layer's router rows (one per virtual group, replicated G times as at init) so that a token
+    picks the virtual group whose experts best reproduce the dense FFN; the experts are not touched.
+
+    On the dense model's own activations at each FFN input (x = mlp_norm(h), target y = the dense FFN's output):
+    for every virtual group r, e_r(x) = |group_r(x) + shared(x) - y| with group_r the routed sum of r's G experts at
+    weight scaling_factor / G each (what the MoE computes when it picks r). The rows are fitted with Adam by softmax
+    cross-entropy of the group logits x W_r^T towards argmin_r e_r(x) (selection ranks sigmoid(logit) + expert_bias,
+    and expert_bias is 0 at init, so the group with the largest logit is picked). The MoE-vs-dense error
+    |moe(x) - y| / |y| on the held-out rows is recorded per layer before and after; a layer whose error does not drop
+    keeps its random rows. With noise 0 every group reproduces the dense FFN: the fit then has nothing to choose."""
+    fit_x, fit_y = _ffn_activations(dense, model.moe_layers, fit_rows)
+    held_x, held_y = _ffn_activations(dense, model.moe_layers, heldout_rows)
+    layers = {}
+    for layer in model.moe_layers:
+        moe = model.layers[layer].mlp
+        before = _moe_error(moe, held_x[layer], held_y[layer])
+        with torch.no_grad():
+            best = _group_errors(moe, fit_x[layer], fit_y[layer], g, chunk).argmin(-1)
+        initial = moe.router.weight.detach().clone()
+        rows = initial[::g].clone().requires_grad_(True)
+        opt = torch.optim.Adam([rows], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(fit_x[layer] @ rows.T, best)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            moe.router.weight.copy_(rows.detach().repeat_interleave(g, dim=0))
+            after = _moe_error(moe, held_x[layer], held_y[layer])
+            kept = "fit" if after < before else "random"
+            if kept == "random":
+                moe.router.weight.copy_(initial)
+        layers[str(layer)] = {"moe_vs_dense_rel_err": {"random": before, "fit": after}, "kept": kept,
+                              "distinct_best_groups": int(best.unique().numel()), "final_loss": float(loss.detach())}
+    return {"steps": steps, "lr": lr, "fit_tokens": int(sum(len(r.tokens) for r in fit_rows)),
+            "heldout_tokens": int(sum(len(r.tokens) for r in heldout_rows)), "layers": layers,
+            "note": "moe_vs_dense_rel_err = |moe(x) - dense_ffn(x)| / |dense_ffn(x)| on held-out rows, x the dense "
+                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends with"}
+
+
+@torch.no_grad()
+def _ffn_activations(dense: Transformer, layers: list[int], rows) -> tuple[dict, dict]:
+    """Per layer: the dense FFN's inputs (after mlp_norm) and outputs over the rows, [N, D] each."""
+    xs: dict[int, list] = {layer: [] for layer in layers}
+    ys: dict[int, list] = {layer: [] for layer in layers}
+    hooks = []
+    for layer in layers:
+        def hook(mod, args, out, layer=layer):
+            xs[layer].append(args[0].reshape(-1, args[0].shape[-1]))
+            ys[layer].append(out.reshape(-1, out.shape[-1]))
+
+        hooks.append(dense.layers[layer].mlp.register_forward_hook(hook))
+    try:
+        for row in rows:
+            dense(torch.from_numpy(row.tokens.astype("int64"))[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}, {k: torch.cat(v) for k, v in ys.items()}
+
+
+def _group_errors(moe, x: torch.Tensor, y: torch.Tensor, g: int, chunk: int) -> torch.Tensor:
+    """e [N, E / G]: |virtual group r's routed sum + shared(x) - y| for every token and group."""
+    bank = moe.experts
+    n_experts, width, dim = bank.up.shape
+    weight = moe.router.scaling_factor / g
+    errors = []
+    for start in range(0, x.shape[0], chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+        h = torch.einsum("nd,ewd->new", xc, bank.up)
+        if bank.up_bias is not None:
+            h = h + bank.up_bias
+        out = torch.einsum("new,edw->ned", torch.relu(h).square(), bank.down)  # [n, E, D]
+        if bank.down_bias is not None:
+            out = out + bank.down_bias
+        groups = out.view(xc.shape[0], n_experts // g, g, dim).sum(2) * weight
+        errors.append((groups + moe.shared(xc)[:, None] - yc[:, None]).norm(dim=-1))
+    return torch.cat(errors)
+
+
+@torch.no_grad()
+def _moe_error(moe, x: torch.Tensor, y: torch.Tensor) -> float:
+    out, _ = moe(x[None])
+    return float((out[0] - y).double().norm() / y.double().norm().clamp_min(1e-30))

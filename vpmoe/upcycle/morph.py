@@ -54,6 +54,37 @@ def svd_heads(weight: torch.Tensor, n_heads: int, rank: int) -> tuple[torch.Tens
     out_dim, dim = weight.shape
     hd = out_dim // n_heads
     m = weight.double().reshape(n_heads, hd * dim)
+    a_bias, b = _head_factors(m, rank)
+    approx = (a_bias / rank) @ b
+    err = float((m - approx).norm() / m.norm().clamp_min(1e-300))
+    return a_bias.float(), b.reshape(rank * hd, dim).float(), err
+
+
+def svd_heads_whitened(weight: torch.Tensor, n_heads: int, rank: int, gram: torch.Tensor,
+                       ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """As `svd_heads`, but the best rank-`rank` approximation on activations instead of in weight space.
+
+    With X the layer's (normed) inputs and `gram` = X^T X [D, D] = L L^T (Cholesky, after adding `ridge` times its
+    mean diagonal), the error on activations is sum_h |X (W_h - W'_h)^T|^2 = |(M - M') (I (x) L)|^2 for M the heads
+    matrix [n_heads, hd * D]: the truncated SVD of the whitened M (I (x) L) is optimal (Eckart-Young), and B is
+    mapped back by L^-1. The returned error is relative and on activations: |X (W - W')^T| / |X W^T|."""
+    out_dim, dim = weight.shape
+    hd = out_dim // n_heads
+    g = gram.double()
+    g = g + ridge * g.diagonal().mean().clamp_min(1e-300) * torch.eye(dim, dtype=torch.float64)
+    chol = torch.linalg.cholesky(g)
+    whitened = (weight.double().reshape(n_heads, hd, dim) @ chol).reshape(n_heads, hd * dim)
+    a_bias, b_white = _head_factors(whitened, rank)
+    approx = (a_bias / rank) @ b_white
+    err = float((whitened - approx).norm() / whitened.norm().clamp_min(1e-300))
+    b = torch.linalg.solve_triangular(chol, b_white.reshape(rank * hd, dim), upper=False, left=False)
+    return a_bias.float(), b.float(), err
+
+
+def _head_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias [n_heads, rank] and B [rank, cols] with (A / rank) B the best rank-`rank` approximation of m [n_heads,
+    cols] (float64; signs fixed so that the largest-magnitude entry of each row of B is positive)."""
+    n_heads = m.shape[0]
     u, s, vt = torch.linalg.svd(m, full_matrices=False)
     k = min(rank, s.numel())
     u, s, vt = u[:, :k], s[:k], vt[:k]
@@ -61,12 +92,10 @@ def svd_heads(weight: torch.Tensor, n_heads: int, rank: int) -> tuple[torch.Tens
     flip[flip == 0] = 1
     u, vt = u * flip, vt * flip[:, None]
     a_bias = torch.zeros(n_heads, rank, dtype=torch.float64)
-    b = torch.zeros(rank, hd * dim, dtype=torch.float64)
+    b = torch.zeros(rank, m.shape[1], dtype=torch.float64)
     a_bias[:, :k] = rank * math.sqrt(n_heads) * u
     b[:k] = s[:, None] * vt / math.sqrt(n_heads)
-    approx = (a_bias / rank) @ b
-    err = float((m - approx).norm() / m.norm().clamp_min(1e-300))
-    return a_bias.float(), b.reshape(rank * hd, dim).float(), err
+    return a_bias, b
 
 
 def kv_exact(weight: torch.Tensor, n_kv: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

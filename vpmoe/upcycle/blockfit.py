@@ -1,0 +1,177 @@
+"""Block-wise morph (step 3 with calibration data): each real block learns to reproduce its compat block on the
+compat model's own activations.
+
+The calibration rows pass through the compat model one block at a time. For block l, with x the compat hidden
+states at its input and y = compat_block_l(x) its output, the real block l (as `morph.convert` mapped it) is fitted
+on the fit rows to minimize |real_block_l(x) - y|^2 / |y - x|^2 (the error relative to what the block adds to the
+residual stream), with Adam, training only the parameter groups named in `trainable` (what the morph introduced or
+changed); every other parameter stays as mapped. Blocks are independent given the compat activations (each reads
+x, never the real model's own stream), so they could run in parallel; they run in order here only so that one
+block's activations are in memory at a time. The one link between blocks is the value residual: later blocks mix
+in layer 0's V, which the real model computes from the embeddings; it is taken from the (fitted) real layer 0.
+
+Before the fit, a local layer's TPA Q may be re-initialized activation-aware (`morph.svd_heads_whitened` with the
+Gram matrix of the block's normed inputs). The error is measured on held-out rows for the mapped block, after the
+Q init and after the fit; a block whose held-out error does not drop below the mapped one keeps its mapped weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vpmoe.model.attention import AttentionContext
+from vpmoe.model.naming import param_kind
+from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
+from vpmoe.model.transformer import Block, Transformer
+from vpmoe.upcycle import morph
+from vpmoe.upcycle.config import FIT_GROUPS
+from vpmoe.upcycle.drift import CalibrationRow
+
+TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
+
+
+@dataclass
+class FitSettings:
+    steps: int = 200  # Adam steps per block
+    lr: float = 1e-3
+    rows_per_step: int = 4  # fit rows whose gradients one step sums
+    q_init: str = "whitened"  # "whitened" (activation-aware SVD) or "svd" (keep the mapping's weight-space SVD)
+    trainable: tuple[str, ...] = FIT_GROUPS
+    ridge: float = 1e-6  # relative ridge of the whitening's Gram matrix
+
+
+def trainable_names(block: Block, groups: tuple[str, ...]) -> list[str]:
+    """The block's parameters (names relative to the block) in the named groups:
+    tpa: the TPA factors of a local layer (A and B of q, k, v); bias: every bias the morph added at zero (qkv, o,
+    FFN; not the TPA A biases, which are tpa); sink, value_residual, frequency (GRAPE-M); global_qk: q/k projection
+    weights of a global layer, whose positions the morph changed from RoPE to NoPE + ALiBi."""
+    names = []
+    for name, _ in block.named_parameters():
+        leaf_module = name.split(".")[-2] if "." in name else ""
+        kind = param_kind(f"layers.{block.layer}.{name}")
+        if leaf_module in TPA_LEAVES:
+            group = "tpa"
+        elif kind in ("bias", "sink", "value_residual", "frequency"):
+            group = kind
+        elif block.attn.kind == "global" and name in ("attn.q_proj.weight", "attn.k_proj.weight"):
+            group = "global_qk"
+        else:
+            continue
+        if group in groups:
+            names.append(name)
+    return names
+
+
+def _contexts(model: Transformer, seq: int) -> AttentionContext:
+    """What Transformer.body builds for one unpacked row of `seq` tokens."""
+    position_ids = torch.arange(seq)[None]
+    ctx = AttentionContext(position_ids=position_ids, doc_ids=torch.zeros(1, seq, dtype=torch.long),
+                           token_index=torch.arange(seq), kernel="reference")
+    if not model.cfg.real:
+        a = model.cfg.attention
+        ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base))
+    return ctx
+
+
+def _run(block: Block, model: Transformer, x: torch.Tensor, ctx: AttentionContext, v_first) -> tuple:
+    out, v, _ = block(x[None], ctx, model.kernels.experts, v_first=v_first)
+    return out[0], v
+
+
+def relative_error(block: Block, model: Transformer, xs, ys, ctxs, v_firsts) -> float:
+    """|block(x) - y| / |y - x| over the rows (float64 sums of fp32 outputs)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x, y, ctx, vf in zip(xs, ys, ctxs, v_firsts):
+            out, _ = _run(block, model, x, ctx, vf)
+            num += float((out - y).double().square().sum())
+            den += float((y - x).double().square().sum())
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[CalibrationRow],
+               heldout_rows: list[CalibrationRow], settings: FitSettings, progress=None) -> dict:
+    """Fit every block of `real` (in place) to its compat block; returns the per-block report for drift.json."""
+    rows = fit_rows + heldout_rows
+    n_fit = len(fit_rows)
+    ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
+    compat_ctx = [_contexts(compat, x.shape[1]) for x in ids]
+    real_ctx = [_contexts(real, x.shape[1]) for x in ids]
+    with torch.no_grad():
+        xs = [compat.embed(x)[0] for x in ids]
+    v_first = [None] * len(rows)
+    report = []
+    for layer, (c_block, r_block) in enumerate(zip(compat.layers, real.layers)):
+        with torch.no_grad():
+            ys = [_run(c_block, compat, x, ctx, None)[0] for x, ctx in zip(xs, compat_ctx)]
+        entry = fit_block(layer, c_block, r_block, real, xs, ys, real_ctx, v_first, n_fit, settings)
+        report.append(entry)
+        if layer == 0:
+            with torch.no_grad():
+                v_first = [_run(r_block, real, x, ctx, None)[1] for x, ctx in zip(xs, real_ctx)]
+        xs = ys
+        if progress is not None:
+            progress(layer, entry)
+    return {
+        "fit_tokens": int(sum(x.shape[1] for x in ids[:n_fit])),
+        "heldout_tokens": int(sum(x.shape[1] for x in ids[n_fit:])),
+        "steps": settings.steps, "lr": settings.lr, "q_init": settings.q_init,
+        "trainable": list(settings.trainable),
+        "blocks": report,
+        "note": "rel_err = |real_block(x) - compat_block(x)| / |compat_block(x) - x| on held-out rows, x the compat "
+                "model's hidden states at the block input; mapped: the weight mapping alone, init: after the Q init, "
+                "fit: after the fit; kept: the weights the block ends with",
+    }
+
+
+def fit_block(layer: int, compat_block: Block, block: Block, model: Transformer, xs, ys, ctxs, v_firsts, n_fit: int,
+              settings: FitSettings) -> dict:
+    """Fit one real block on rows [:n_fit], measure on rows [n_fit:] (all rows if there are none held out)."""
+    held = slice(n_fit, None) if len(xs) > n_fit else slice(None)
+    measure = lambda: relative_error(block, model, xs[held], ys[held], ctxs[held], v_firsts[held])  # noqa: E731
+    mapped_state = {k: v.clone() for k, v in block.state_dict().items()}
+    mapped = measure()
+    entry = {"layer": layer, "kind": block.attn.kind, "rel_err": {"mapped": mapped}}
+    if block.attn.kind == "local" and settings.q_init == "whitened":
+        entry["q_whitened_relative_error"] = whiten_q(block, compat_block.attn.q_proj.weight, xs[:n_fit],
+                                                      settings.ridge)
+    entry["rel_err"]["init"] = measure()
+    names = trainable_names(block, settings.trainable)
+    params = dict(block.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(name in names)
+    if names and settings.steps > 0:
+        opt = torch.optim.Adam([params[n] for n in names], lr=settings.lr)
+        for step in range(settings.steps):
+            opt.zero_grad(set_to_none=True)
+            for i in ((step * settings.rows_per_step + j) % n_fit for j in range(settings.rows_per_step)):
+                out, _ = _run(block, model, xs[i], ctxs[i], v_firsts[i])
+                den = (ys[i] - xs[i]).square().sum().clamp_min(1e-12)
+                ((out - ys[i]).square().sum() / den / settings.rows_per_step).backward()
+            opt.step()
+    for p in params.values():
+        p.requires_grad_(True)
+    entry["rel_err"]["fit"] = measure()
+    entry["trained"] = names
+    if entry["rel_err"]["fit"] >= mapped:  # never worse than the mapping: keep it
+        block.load_state_dict(mapped_state)
+        entry["kept"] = "mapped"
+    else:
+        entry["kept"] = "fit"
+    return entry
+
+
+@torch.no_grad()
+def whiten_q(block: Block, q_weight: torch.Tensor, xs, ridge: float) -> float:
+    """Re-initialize a local block's TPA Q from the compat W_q `q_weight` by the activation-aware SVD, with the
+    Gram matrix of the block's normed inputs `xs`; returns its relative error on those activations."""
+    attn = block.attn
+    normed = torch.cat([block.attn_norm(x) for x in xs]).double()
+    a_bias, b, err = morph.svd_heads_whitened(q_weight, attn.n_heads, attn.q_a.out_features // attn.n_heads,
+                                              normed.T @ normed, ridge)
+    attn.q_a.weight.zero_()
+    attn.q_a.bias.copy_(a_bias.flatten())
+    attn.q_b.weight.copy_(b)
+    return err

@@ -1,0 +1,162 @@
+"""The five conversion steps as objects with one interface, and `STEPS`, the table `vpmoe upcycle` dispatches from.
+
+A step gets a `StepContext` (the config, the registry, the staging directory to write the new object into, the
+fixed calibration batch), writes the object's weights and config there, and returns a `StepOutput`: the step's
+details (provenance) and the drift report of the result against its source. `numbers` names the details that
+drift.json repeats beside the drift they cause; `summary` is the one line printed at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vpmoe.artifacts.models import load_model, save_model
+from vpmoe.errors import UserError
+from vpmoe.provenance import portable_name
+from vpmoe.upcycle import blockfit, drift, expand, granular, hf, morph, objects, surgery, transplant
+from vpmoe.upcycle.config import UpcycleConfig
+from vpmoe.upcycle.drift import CalibrationRow
+from vpmoe.upcycle.registry import Registry
+
+
+@dataclass
+class StepContext:
+    cfg: UpcycleConfig
+    registry: Registry
+    staging: Path  # the new object is written here; run.py moves it into place once it is checked
+    rows: list[CalibrationRow]  # the fixed calibration batch of the drift report
+
+
+@dataclass
+class StepOutput:
+    details: dict  # the step's own record (provenance "details")
+    report: dict  # drift of the result from its source on the calibration batch
+    source: drift.LogitsFn | None = None  # the source's logits (vpmoe results: healing measures again with it)
+
+
+class Transplant:
+    numbers = ("rows", "padded_rows", "rows_copied", "rows_approximated", "method", "k")
+
+    def run(self, ctx: StepContext) -> StepOutput:
+        u, t = ctx.cfg.upcycle, ctx.cfg.transplant
+        if not t.donor:
+            raise UserError("transplant.donor must name the local directory of the vocabulary donor")
+        donor = Path(t.donor)
+        if t.donor_object:
+            objects.check_input(donor, ctx.registry.get(t.donor_object))
+        target = ctx.registry.get(u.target)
+        details = transplant.run(Path(u.input), donor, ctx.staging, t.method, t.k, t.batch_size, u.seed,
+                                 target.hf.vocab, t.pad_to_vocab, t.device)
+        details["donor"] = {"object": t.donor_object or None, "path": portable_name(donor),
+                            "weights_sha256": objects.weights_sha256(donor)}
+        source_model, result_model = hf.load_causal_lm(u.input), hf.load_causal_lm(ctx.staging)
+        report = drift.drift_across_tokenizers(source_model, hf.load_tokenizer(u.input), result_model,
+                                               hf.load_tokenizer(ctx.staging), ctx.rows)
+        return StepOutput(details, report)
+
+    def summary(self, report: dict) -> str:
+        a = report["spans"]["all"]
+        return (f"bits/byte {a['source_bits_per_byte']:.4g} -> {a['result_bits_per_byte']:.4g}, "
+                f"KL on aligned positions {a.get('kl_mean', float('nan')):.4g} nats")
+
+
+class _VpmoeStep:
+    """A step whose result is a vpmoe model: convert, measure its drift from the source, save it."""
+
+    numbers: tuple[str, ...] = ()
+
+    def run(self, ctx: StepContext) -> StepOutput:
+        target_cfg = ctx.registry.get(ctx.cfg.upcycle.target).model_config()
+        _check_vocab(target_cfg.model.vocab_size, ctx.rows)
+        source_fn, result, details = self.convert(ctx, target_cfg)
+        report = drift.drift_report(source_fn, drift.vpmoe_logits(result), ctx.rows)
+        save_model(result, ctx.staging)
+        return StepOutput(details, report, source_fn)
+
+    def convert(self, ctx: StepContext, target_cfg):
+        """(the source's logits function, the result model, details)."""
+        raise NotImplementedError
+
+    def summary(self, report: dict) -> str:
+        return drift.summary(report)
+
+
+class Surgery(_VpmoeStep):
+    numbers = ("method", "fit")
+
+    def convert(self, ctx: StepContext, target_cfg):
+        u, s = ctx.cfg.upcycle, ctx.cfg.surgery
+        donor = hf.load_causal_lm(u.input)
+        fit_rows = None
+        if s.method == "fit":
+            fit_rows = drift.calibration_rows(ctx.cfg.calibration, records=s.fit_records, seed=s.fit_seed,
+                                              prefix="fit")
+        result, details = surgery.convert(hf.load_state(u.input), hf.facts(u.input), target_cfg, s.method,
+                                          donor=donor, fit_rows=fit_rows, ridge=s.ridge)
+        return drift.hf_logits(donor), result, details
+
+
+class Morph(_VpmoeStep):
+    numbers = ("q_svd_rank", "q_svd_relative_error", "q_svd_relative_error_mean", "sink_init", "value_residual_init",
+               "method", "blockwise")
+
+    def convert(self, ctx: StepContext, target_cfg):
+        m = ctx.cfg.morph
+        source = load_model(ctx.cfg.upcycle.input)
+        result, details = morph.convert(source, target_cfg, m.sink_init, m.value_residual_init)
+        details["method"] = "blockwise" if ctx.cfg.blockwise_morph else "mapped"
+        if ctx.cfg.blockwise_morph:
+            fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
+            settings = blockfit.FitSettings(steps=m.steps, lr=m.lr, rows_per_step=m.rows_per_step, q_init=m.q_init,
+                                            trainable=tuple(m.trainable))
+            with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
+                details["blockwise"] = blockfit.fit_blocks(source, result, fit_rows, heldout_rows, settings,
+                                                           progress=lambda layer, entry: bar.update())
+            details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
+        return drift.vpmoe_logits(source), result, details
+
+
+class Expand(_VpmoeStep):
+    numbers = ("new_layers",)
+
+    def convert(self, ctx: StepContext, target_cfg):
+        source = load_model(ctx.cfg.upcycle.input)
+        result, details = expand.convert(source, target_cfg)
+        return drift.vpmoe_logits(source), result, details
+
+
+class Granular(_VpmoeStep):
+    numbers = ("noise", "noise_std", "router_std", "router_margins", "router_fit")
+
+    def convert(self, ctx: StepContext, target_cfg):
+        u, g = ctx.cfg.upcycle, ctx.cfg.granular
+        source = load_model(u.input)
+        result, details = granular.convert(source, target_cfg, u.seed, g.router_std, g.noise)
+        if g.fit_router:
+            fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
+            details["router_fit"] = granular.fit_router(source, result, fit_rows, heldout_rows, details["slices"],
+                                                        g.router_fit_steps, g.router_fit_lr)
+            details["router_fit"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
+        details["router_margins"] = granular.router_margins(result, ctx.rows, details["slices"])
+        return drift.vpmoe_logits(source), result, details
+
+
+STEPS = {"transplant": Transplant(), "surgery": Surgery(), "morph": Morph(), "expand": Expand(),
+         "granular": Granular()}
+
+
+def _fit_data(ctx: StepContext, vocab: int) -> tuple[list[CalibrationRow], list[CalibrationRow]]:
+    """The fit rows and the held-out rows of [fit_data]."""
+    f = ctx.cfg.fit_data
+    rows = drift.dataset_rows(f.dataset, 0, f.fit_samples + f.heldout_samples, f.max_tokens)
+    _check_vocab(vocab, rows)
+    return rows[:f.fit_samples], rows[f.fit_samples:]
+
+
+def _check_vocab(vocab: int, rows: list[CalibrationRow]) -> None:
+    top = max(int(r.tokens.max()) for r in rows)
+    if top >= vocab:
+        raise UserError(f"the calibration batch uses o200k Harmony ids up to {top}, but the model has {vocab} rows")
