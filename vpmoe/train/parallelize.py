@@ -118,7 +118,9 @@ def shard(model: nn.Module, meshes: Meshes, compute: torch.dtype | None, world_s
         if isinstance(block.mlp, MoE) and isinstance(block.mlp.experts.up, DTensor):
             experts = fully_shard(block.mlp.experts, mesh=meshes.experts, mp_policy=gathered)
             experts.set_gradient_divide_factor(float(world_size))
-            if meshes.dense.device_type != "cuda":  # gloo has no pre-multiplied sum: sum, then divide
+            if meshes.dense.device_type != "cuda" and meshes.experts.size(-1) > 1:
+                # gloo has no pre-multiplied sum: sum, then divide. Not on one shard rank, where torch 2.13's FSDP2
+                # divides once without a reduce-scatter and then again after it.
                 experts.set_force_sum_reduction_for_comms(True)
         if compute is not None:
             if isinstance(block.mlp, MoE):
