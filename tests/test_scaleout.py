@@ -1,6 +1,6 @@
 """The trainer on several gloo processes (torchrun, CPU, a 2-layer tiny vpMoE): 4 ranks with dp_shard 2 x ep 2 (stage
 ce) and 2 ranks with ep 2 (stage kd_offline) follow the single-process loss and grad-norm curves, and a checkpoint
-of the 4 ranks resumes on 1 rank and on 2 ranks with ep = 1 with the same next step; `vpmoe export` reads it. Each
+of the 4 ranks resumes on 1 rank and on 2 ranks with ep = 1 (two HSDP replicas) with the same next step; `vpmoe export` reads it. Each
 torchrun start costs seconds: the runs are shared."""
 
 import json
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     _resume_from(written, root / "resume_1")
     _train(_write_config(root, dataset, "resume_1", data__grad_accum=4), 1)
     _resume_from(written, root / "resume_2")
-    _train(_write_config(root, dataset, "resume_2", data__grad_accum=2), 2)
+    _train(_write_config(root, dataset, "resume_2", data__grad_accum=2, parallel__dp_replicate=2), 2)  # HSDP
     return root
 
 
