@@ -1,7 +1,7 @@
 """The trainer on several gloo processes (torchrun, CPU, a 2-layer tiny vpMoE): 4 ranks with dp_shard 2 x ep 2 (stage
 ce) and 2 ranks with ep 2 (stage kd_offline) follow the single-process loss and grad-norm curves, and a checkpoint
-of the 4 ranks resumes on 1 rank and on 2 ranks with ep = 1 (two HSDP replicas) with the same next step; `vpmoe export` reads it. Each
-torchrun start costs seconds: the runs are shared."""
+of the 4 ranks resumes on 1 rank and on 2 ranks with ep = 1 (two HSDP replicas) with the same next step; `vpmoe
+export` reads it. Each torchrun start costs seconds: the runs are shared."""
 
 import json
 import os
