@@ -86,6 +86,8 @@ def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, ini
     frozen = apply_freeze(model, train.freeze)
     model.activation_checkpointing = train.activation_checkpointing
     meshes = build_meshes(layout, ranks.device.type) if ranks.distributed else None
+    if meshes is not None and ranks.is_main:
+        print(f"mesh: {layout.describe()}")
     if meshes is not None and layout.ep > 1:
         apply_expert_parallel(model, meshes)
     if train.compile != "off":
