@@ -3,6 +3,7 @@ one GPU, and where a step's time goes (forward, backward, optimizer), per layout
 
     python benchmarks/scaling.py                                   # bench_vpmoe on 1 and 2 GPUs, ep 1 and 2
     python benchmarks/scaling.py --gpus 1 2 4 8 --ep 1 2 4 8 --layers 40 --out scaling.json
+    python benchmarks/scaling.py --gpus 2 --baseline one_gpu.json  # efficiency against an earlier 1-GPU run
     python benchmarks/scaling.py --tiny                            # CPU smoke run: tiny_ce, gloo, 1 and 2 ranks
 
 Each layout runs in its own `torchrun --standalone --nproc_per_node N` (ep divides N; dp_shard = N / ep), every rank
@@ -67,8 +68,11 @@ def run_layout(args: argparse.Namespace, gpus: int, ep: int) -> dict:
         return json.loads(result.read_text())
 
 
-def report(results: list[dict]) -> None:
-    base = next((r for r in results if r.get("gpus") == 1 and r.get("ep") == 1 and "failed" not in r), None)
+def baseline(results: list[dict]) -> dict | None:
+    return next((r for r in results if r.get("gpus") == 1 and r.get("ep") == 1 and "failed" not in r), None)
+
+
+def report(results: list[dict], base: dict | None) -> None:
     print(f"{'gpus':>4} {'ep':>3} {'dp_shard':>8} {'tokens/s':>12} {'per gpu':>10} {'eff.':>6} {'step ms':>9} "
           f"{'fwd':>8} {'bwd':>8} {'opt':>7} {'other':>7} {'peak GiB':>8}")
     for r in results:
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny_ce, sequence 128, gloo")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--baseline", help="the JSON of an earlier run whose 1-GPU, ep 1 layout is the baseline")
     parser.add_argument("--worker-ep", type=int, help=argparse.SUPPRESS)  # internal: one layout under torchrun
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,7 +114,10 @@ def main() -> None:
         return
 
     results = [run_layout(args, gpus, ep) for gpus, ep in layouts(args.gpus, args.ep)]
-    report(results)
+    base = baseline(results)
+    if base is None and args.baseline:
+        base = baseline(json.loads(Path(args.baseline).read_text())["results"])
+    report(results, base)
     if args.out:
         from vpmoe import provenance
         from vpmoe.config import config_hash

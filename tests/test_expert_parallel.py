@@ -146,11 +146,12 @@ def test_layouts_that_cannot_hold_are_refused():
 
 
 def test_doctor_reports_the_mesh_and_refuses_a_bad_one_with_exit_2():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vpmoe.cli", "doctor", "--config", "tiny_ce", "--world-size"]
-    good = subprocess.run([*cmd, "4", "--set", "parallel.ep=2"], capture_output=True, text=True, env=env)
-    assert "mesh" in good.stdout and "dp_replicate 1 x dp_shard 2 x ep 2" in good.stdout, good.stdout + good.stderr
-    bad = subprocess.run([*cmd, "3", "--set", "parallel.ep=3"], capture_output=True, text=True, env=env)
+    from vpmoe.doctor import _mesh
+
+    assert "dp_replicate 1 x dp_shard 2 x ep 2" in _mesh("tiny_ce", ["parallel.ep=2"], 4)
+    bad = subprocess.run([sys.executable, "-m", "vpmoe.cli", "doctor", "--config", "tiny_ce", "--world-size", "3",
+                          "--set", "parallel.ep=3"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode == 2
-    assert "parallel.ep = 3 does not divide moe.n_experts = 32" in bad.stdout + bad.stderr
+    assert "FAIL  mesh: parallel.ep = 3 does not divide moe.n_experts = 32" in bad.stdout
     assert "Traceback" not in bad.stderr

@@ -177,10 +177,12 @@ def test_fsdp2_step_equals_single_process(dist_result):
     shapes = _fsdp_shapes()
     model, opt, _ = _single_run(shapes, STEPS)
     ref_state = _full_state(opt, model.inner)
+    # Same float32 arithmetic per matrix; Polar Express runs on other batches of matrices on each rank, which moves
+    # results by an ulp or so (measured: 6e-8 relative): 1e-6 relative.
     for name, p in model.inner.named_parameters():
-        torch.testing.assert_close(res["params"][name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(res["params"][name], p.detach(), rtol=1e-6, atol=1e-7, msg=name)
         for key, val in ref_state[name].items():
-            torch.testing.assert_close(res["state"][name][key], val, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+            torch.testing.assert_close(res["state"][name][key], val, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
     # the parameters moved (the comparison is not between two untouched models)
     init = module_from_shapes(shapes, seed=0)
     moved = [n for n, p in init.named_parameters() if not torch.allclose(p, res["params"][n])]

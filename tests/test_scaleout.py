@@ -1,6 +1,7 @@
-"""The trainer on several gloo processes (torchrun, CPU, a 2-layer tiny vpMoE): 4 ranks with dp_shard 2 x ep 2 follow
-the single-process loss and grad-norm curve, and a checkpoint they wrote resumes on 1 rank and on 2 ranks with
-ep = 1 with the same next step; `vpmoe export` reads it. Each torchrun start costs seconds: the runs are shared."""
+"""The trainer on several gloo processes (torchrun, CPU, a 2-layer tiny vpMoE): 4 ranks with dp_shard 2 x ep 2 (stage
+ce) and 2 ranks with ep 2 (stage kd_offline) follow the single-process loss and grad-norm curves, and a checkpoint
+of the 4 ranks resumes on 1 rank and on 2 ranks with ep = 1 (two HSDP replicas) with the same next step; `vpmoe
+export` reads it. Each torchrun start costs seconds: the runs are shared."""
 
 import json
 import os
@@ -51,15 +52,33 @@ def _resume_from(source: Path, run: Path) -> None:
     shutil.copytree(source, checkpoints.checkpoint_dir(run) / source.name)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scaleout")
+def _setup(root: Path) -> Path:
+    """A small dataset and the 2-layer model config under `root`; returns the dataset."""
     src = synthetic.write_jsonl(root / "src.jsonl", synthetic.records(16, seed=11))
     dataset = build(DataSection(inputs=[str(src)], format="synth", out=str(root / "ds"), seq_len=256, pack=False,
                                 valid_fraction=0.0))
     model = (ROOT / "configs/model/tiny_moe.toml").read_text()
     assert "n_layers = 8" in model
     (root / "model.toml").write_text(model.replace("n_layers = 8", "n_layers = 2"))  # layer 0 dense, 1 MoE
+    return dataset
+
+
+def _assert_same_curve(single: list[dict], parallel: list[dict]) -> None:
+    assert [m["step"] for m in single] == [m["step"] for m in parallel] == list(range(1, STEPS + 1))
+    for a, b in zip(single, parallel):
+        # float32 sums in another order (over ranks, all-to-all): 1e-4 relative
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["terms"].keys() == a["terms"].keys()
+        assert b["spans"]["final"]["tokens"] == a["spans"]["final"]["tokens"]
+        assert b["router"]["experts_active_mean"] == a["router"]["experts_active_mean"]  # global routing counts
+    assert single[-1]["loss"] < single[0]["loss"]  # it trained
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scaleout")
+    dataset = _setup(root)
     # the same global batch of 4 rows per step: 1 rank x 4 micro-batches, 4 ranks x 1, 2 ranks x 2
     _train(_write_config(root, dataset, "single", data__grad_accum=4), 1)
     _train(_write_config(root, dataset, "ep", parallel__ep=2), 4)
@@ -67,20 +86,28 @@ def runs(tmp_path_factory):
     _resume_from(written, root / "resume_1")
     _train(_write_config(root, dataset, "resume_1", data__grad_accum=4), 1)
     _resume_from(written, root / "resume_2")
-    _train(_write_config(root, dataset, "resume_2", data__grad_accum=2), 2)
+    _train(_write_config(root, dataset, "resume_2", data__grad_accum=2, parallel__dp_replicate=2), 2)  # HSDP
     return root
 
 
 def test_dp_shard_2_x_ep_2_follows_the_single_process_curve(runs):
-    single, ep = _metrics(runs / "single"), _metrics(runs / "ep")
-    assert [m["step"] for m in single] == [m["step"] for m in ep] == list(range(1, STEPS + 1))
-    for a, b in zip(single, ep):
-        # float32 sums in another order (over ranks, all-to-all): 1e-4 relative
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        assert b["spans"]["final"]["tokens"] == a["spans"]["final"]["tokens"]
-        assert b["router"]["experts_active_mean"] == a["router"]["experts_active_mean"]  # global routing counts
-    assert single[-1]["loss"] < single[0]["loss"] - 1.0  # it trained
+    _assert_same_curve(_metrics(runs / "single"), _metrics(runs / "ep"))
+
+
+def test_kd_offline_with_ep_2_follows_the_single_process_curve(tmp_path):
+    pytest.importorskip("transformers")  # the teacher is a tiny Hugging Face GPT-OSS
+    from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
+    from vpmoe.teacher.score import score
+    from vpmoe.testing.teachers import save_tiny_teacher
+
+    dataset = _setup(tmp_path)
+    teacher = save_tiny_teacher(tmp_path / "teacher", seed=1)
+    score(ScoreConfig(TeacherSection(path=str(teacher), dataset=str(dataset), k=8, dtype="float32", splits=["train"]),
+                      ScoreSection(device="cpu", progress=False)), config_hash="test")
+    kd = dict(train__stage="kd_offline", loss__ce=0.0, loss__kd=1.0, loss__confidence_ce=0.1)
+    _train(_write_config(tmp_path, dataset, "single", data__grad_accum=2, **kd), 1)
+    _train(_write_config(tmp_path, dataset, "ep", parallel__ep=2, **kd), 2)
+    _assert_same_curve(_metrics(tmp_path / "single"), _metrics(tmp_path / "ep"))
 
 
 @pytest.mark.parametrize("run", ["resume_1", "resume_2"])
@@ -105,3 +132,19 @@ def test_export_reads_the_expert_parallel_checkpoint(runs, tmp_path):
     assert exported.keys() == saved.keys()
     for name, tensor in saved.items():
         assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_expert_parallel_in_bf16_trains_like_data_parallel(tmp_path):
+    """NCCL, bf16 gathers over fp32 masters, FlexAttention + grouped GEMM, compiled blocks: ep 2 over 2 GPUs follows
+    dp 2 (the experts' sums run in another grouping in bf16: 2e-2 relative)."""
+    dataset = _setup(tmp_path)
+    gpu = dict(train__device="cuda", train__precision="bf16", train__kernels="fast", train__compile="on")
+    _train(_write_config(tmp_path, dataset, "dp", **gpu), 2)
+    _train(_write_config(tmp_path, dataset, "ep", parallel__ep=2, **gpu), 2)
+    dp, ep = _metrics(tmp_path / "dp"), _metrics(tmp_path / "ep")
+    assert [m["step"] for m in ep] == list(range(1, STEPS + 1))
+    for a, b in zip(dp, ep):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)

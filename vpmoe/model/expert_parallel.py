@@ -11,7 +11,8 @@ Rank r of the group owns experts [r * E / ep, (r + 1) * E / ep). Per forward, wi
   3. the outputs return the same way (the inverse all-to-all) and are put back in slot order.
 Both all-to-alls are autograd functions whose backward is the opposite exchange, so gradients of the token rows
 return to their source ranks and each owner's expert weights get the gradients of every token routed to them.
-Routing, the router, the shared expert and the weighted combine stay on the token's own rank.
+Routing, the router, the shared expert and the weighted combine stay on the token's own rank. The dispatch runs
+eagerly inside compiled blocks (torch.compiler.disable): its split sizes are data-dependent host values.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ExpertParallel:
         self.n_local = n_experts // self.size
         self.n_experts = n_experts
 
+    @torch.compiler.disable
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, bank: ExpertBank, kernel: str) -> torch.Tensor:
         """x [T, D], experts [T, k] (global ids) -> per-slot outputs [T * k, D] (unweighted), as ExpertBank."""
         topk = experts.shape[1]

@@ -176,7 +176,9 @@ class ExpertBank(nn.Module):
         # index_select rather than x[idx]: its backward is an index_add, not the much slower sort-based index_put.
         sorted_x = x.index_select(0, order // topk)
         weights = self.local_weights()
-        if kernel == "grouped_mm":
+        # An expert-parallel rank may receive no rows: the padded path computes zero rows (and zero gradients for
+        # every expert) on any device, which a grouped GEMM over nothing does not promise.
+        if kernel == "grouped_mm" and len(sorted_x):
             y = _grouped(weights, sorted_x, sorted_experts)
         elif kernel == "loop":
             y = _loop(weights, sorted_x, sorted_experts)

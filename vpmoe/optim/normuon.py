@@ -29,10 +29,10 @@ Distributed: parameters may be DTensors (FSDP2 `fully_shard`, expert parallel). 
 shards. Orthogonalization needs whole matrices: when a parameter is sharded only along batch (expert) dims, its
 local shard holds whole matrices and is processed as is (each rank orthogonalizes the experts it owns); otherwise
 the update is gathered (`full_tensor`), the matrices of one shape from all such parameters are divided among the
-ranks of their mesh, each rank runs Polar Express on its share only, the results are all-gathered, and each rank
-keeps its own shard of the update. Every per-matrix result is the single-process one. The momentum is a DTensor placed like the parameter, the second moment one placed
-like the parameter's rows, so `state_dict()` / torch.distributed.checkpoint save global tensors and load into any
-other sharding.
+ranks of their mesh (round robin over the step), each rank runs Polar Express on its share only, the results are
+all-gathered, and each rank keeps its own shard of the update: every per-matrix result is the single-process one.
+The momentum is a DTensor placed like the parameter, the second moment one placed like the parameter's rows, so
+`state_dict()` / torch.distributed.checkpoint save global tensors and load into any other sharding.
 """
 
 from __future__ import annotations

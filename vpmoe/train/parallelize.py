@@ -86,6 +86,8 @@ def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, ini
     frozen = apply_freeze(model, train.freeze)
     model.activation_checkpointing = train.activation_checkpointing
     meshes = build_meshes(layout, ranks.device.type) if ranks.distributed else None
+    if meshes is not None and ranks.is_main:
+        print(f"mesh: {layout.describe()}")
     if meshes is not None and layout.ep > 1:
         apply_expert_parallel(model, meshes)
     if train.compile != "off":
@@ -118,7 +120,9 @@ def shard(model: nn.Module, meshes: Meshes, compute: torch.dtype | None, world_s
         if isinstance(block.mlp, MoE) and isinstance(block.mlp.experts.up, DTensor):
             experts = fully_shard(block.mlp.experts, mesh=meshes.experts, mp_policy=gathered)
             experts.set_gradient_divide_factor(float(world_size))
-            if meshes.dense.device_type != "cuda":  # gloo has no pre-multiplied sum: sum, then divide
+            if meshes.dense.device_type != "cuda" and meshes.experts.size(-1) > 1:
+                # gloo has no pre-multiplied sum: sum, then divide. Not on one shard rank, where torch 2.13's FSDP2
+                # divides once without a reduce-scatter and then again after it.
                 experts.set_force_sum_reduction_for_comms(True)
         if compute is not None:
             if isinstance(block.mlp, MoE):
