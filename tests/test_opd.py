@@ -349,3 +349,18 @@ def test_shipped_prompts_build_config_loads():
 
     cfg = config_io.load("prompts", BuildConfig, kind="data")
     assert cfg.data.format == "prompts" and not cfg.data.pack
+
+
+def test_training_in_row_chunks_equals_the_whole_micro_batch(tmp_path, prompts, student_init, other_teacher):
+    """opd.train_rows splits a sampled micro-batch for the teacher and the training: same rollouts, same loss and
+    gradient (fp32 sums in another order)."""
+    runs = [metrics(train(opd_config(tmp_path, prompts, other_teacher, f"rows{rows}", student=student_init,
+                                     opd__train_rows=rows, train__steps=1, checkpoint__every=1)))[0]
+            for rows in (0, 1)]
+    whole, chunked = runs
+    assert whole["opd"]["length"] == chunked["opd"]["length"]
+    assert whole["terms"]["reverse_kl"] == pytest.approx(chunked["terms"]["reverse_kl"], rel=1e-5)
+    for span in ("reasoning", "final"):
+        assert whole["spans"][span]["tokens"] == chunked["spans"][span]["tokens"]
+    # the MoE aux loss is a mean over the forwards (its routing statistics are per forward): of the same size
+    assert whole["terms"]["aux"] == pytest.approx(chunked["terms"]["aux"], rel=0.5)

@@ -5,7 +5,7 @@ Per optimizer step (`batches`): the sampling copy of the student (the policy: a 
 compute dtype, its weights copied in place from the student first) completes each micro-batch's
 data.micro_batch_size prompts opd.samples_per_prompt times, at opd.temperature / top_p / top_k, stopping at
 `<|return|>`, `<|call|>` or `<|endoftext|>` (kept and trained on; nothing after it) or at the curriculum's
-max_new_tokens. Each prompt gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has
+max_new_tokens; training (and the teacher) then go through them opd.train_rows rows at a time. Each prompt gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has
 the same effort, or opd.student_effort (asymmetric). The teacher scores teacher_prompt_ids + completion_ids, the
 sampled ids themselves (never decoded and re-encoded), and both sides assert that their scored positions predict
 exactly those ids. Micro-batch m of rank r is micro-batch m * world + r of the global step: its prompts, efforts
@@ -132,10 +132,12 @@ class OnPolicyDistillation(Objective):
             index = m * world + self.ranks.rank  # this micro-batch's place in the global step
             rows = next(data)
             mine = efforts[index * per_micro:(index + 1) * per_micro]
-            out.append(self.rollout_batch(rows, mine, step, index, phase.max_new_tokens))
+            out += self.rollout_batches(rows, mine, step, index, phase.max_new_tokens)
         return out
 
-    def rollout_batch(self, rows: Batch, efforts: list[str], step: int, index: int, max_new_tokens: int):
+    def rollout_batches(self, rows: Batch, efforts: list[str], step: int, index: int,
+                        max_new_tokens: int) -> list[RolloutBatch]:
+        """Sample one micro-batch's rollouts and score them: RolloutBatches of at most opd.train_rows rows."""
         opd, device, g = self.opd, self.ranks.device, self.opd.samples_per_prompt
         stored = [rows.input_ids[r, :int((rows.doc_ids[r] == 0).sum())].tolist() for r in range(len(efforts))]
         student_effort = lambda e: e if opd.student_effort == "same" else opd.student_effort  # noqa: E731
@@ -152,6 +154,20 @@ class OnPolicyDistillation(Objective):
         self.note_rollouts(completions, sampled.stopped.tolist(), time.perf_counter() - start)
 
         start = time.perf_counter()
+        size = opd.train_rows or len(prompts)
+        out = []
+        for first in range(0, len(prompts), size):
+            part = slice(first, first + size)
+            out.append(self.scored_rows(prompts[part], teacher_prompts[part], completions[part], row_efforts[part],
+                                        sampled.logprobs[part][sampled.mask[part]]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.window["teacher_s"] += time.perf_counter() - start
+        return out
+
+    def scored_rows(self, prompts, teacher_prompts, completions, row_efforts, sampler_logprobs) -> RolloutBatch:
+        """The training rows of some rollouts and the teacher's states at their completion positions."""
+        device = self.ranks.device
         batch, select = rollouts.training_rows(prompts, completions)
         batch, select = batch.to(device), select.to(device)
         rollouts.check_alignment(batch.input_ids, select, completions, "student")
@@ -161,14 +177,10 @@ class OnPolicyDistillation(Objective):
             scored, scored_select = scored.to(device), scored_select.to(device)
             rollouts.check_alignment(scored.input_ids, scored_select, completions, "teacher")
         states = self.teacher.forward(scored.input_ids, scored.position_ids, scored.doc_ids, scored_select)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.window["teacher_s"] += time.perf_counter() - start
-        effort_ids = torch.tensor([EFFORTS.index(e) for e, n in zip(row_efforts, lengths) for _ in range(n)],
-                                  device=device)
-        return RolloutBatch(rows=batch, select=select, teacher_hidden=states.hidden,
-                            sampler_logprobs=sampled.logprobs[sampled.mask], efforts=effort_ids,
-                            prompts=prompts, completions=completions, row_efforts=row_efforts)
+        effort_ids = torch.tensor([EFFORTS.index(e) for e, c in zip(row_efforts, completions) for _ in c],
+                                  dtype=torch.long, device=device)
+        return RolloutBatch(rows=batch, select=select, teacher_hidden=states.hidden, sampler_logprobs=sampler_logprobs,
+                            efforts=effort_ids, prompts=prompts, completions=completions, row_efforts=row_efforts)
 
     def note_rollouts(self, completions: list[list[int]], stopped: list[bool], seconds: float) -> None:
         w = self.window
