@@ -364,3 +364,39 @@ def test_training_in_row_chunks_equals_the_whole_micro_batch(tmp_path, prompts, 
         assert whole["spans"][span]["tokens"] == chunked["spans"][span]["tokens"]
     # the MoE aux loss is a mean over the forwards (its routing statistics are per forward): of the same size
     assert whole["terms"]["aux"] == pytest.approx(chunked["terms"]["aux"], rel=0.5)
+
+
+def test_asymmetric_prompts_train_with_the_teacher_on_its_own_effort(tmp_path, prompts, student_init):
+    """The student's prompts stay on low effort while the teacher's follow the curriculum (medium, then high): the
+    teacher scores the completions after its own, longer system message, and the alignment holds."""
+    run = train(opd_config(tmp_path, prompts, student_init, opd__student_effort="low", train__steps=2,
+                           checkpoint__every=2, curriculum__steps=[0, 1], curriculum__medium=[1.0, 0.0],
+                           curriculum__high=[0.0, 1.0]))
+    log = metrics(run)
+    assert set(log[0]["opd"]["by_effort"]) == {"medium"} and set(log[1]["opd"]["by_effort"]) == {"high"}
+    dumped = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert all("Reasoning: low" in record["prompt"] for record in dumped)
+    # the teacher (the student's own weights) sees another system message: the KL is no longer 0
+    assert log[0]["opd"]["reverse_kl"] > 1e-6
+
+
+def test_config_refusals(tmp_path, prompts, student_init):
+    with pytest.raises(UserError, match="capacity"):
+        opd_config(tmp_path, prompts, student_init, opd__max_new_tokens=10)  # the curriculum reaches 12
+    with pytest.raises(UserError, match="teacher"):
+        config_io.replace(load_train_config("tiny_opd"), {"teacher": None})
+    with pytest.raises(UserError, match="opd.samples_per_prompt"):
+        opd_config(tmp_path, prompts, student_init, opd__samples_per_prompt=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: bf16, fast kernels, graph-captured sampler")
+@pytest.mark.parametrize("sampler", ["graph", "compile"])
+def test_gpu_step_with_a_captured_sampler(tmp_path, prompts, student_init, sampler):
+    """On CUDA (bf16 autocast over fp32 master weights, a bf16 sampling copy): teacher = student gives a reverse KL
+    of bf16 rounding size, and the sampled estimate stays near it."""
+    run = train(opd_config(tmp_path, prompts, student_init, train__steps=2, checkpoint__every=2,
+                           train__device="cuda", train__precision="bf16", train__kernels="fast",
+                           teacher__dtype="bfloat16", opd__sampler=sampler))
+    first = metrics(run)[0]["opd"]
+    assert abs(first["reverse_kl"]) < 1e-2 and abs(first["sampled_kl"]) < 5e-2
+    assert first["sampled_tokens_per_s"] > 0
