@@ -195,7 +195,6 @@ def test_reverse_kl_loss_and_gradient_equal_trl_and_float64(tmp_path, prompts, s
     TRL's generalized_jsd_loss at beta = 1 per span on the same logits, and float64 math."""
     from trl.experimental.gkd import GKDTrainer
 
-    from vpmoe.train.objectives.base import TrainBatch  # noqa: F401
     from vpmoe.train.objectives.opd import OnPolicyDistillation, RolloutBatch
 
     torch.manual_seed(1)
@@ -299,12 +298,13 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
 
 
 def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher):
-    """torchrun, 2 CPU processes (gloo, FSDP2 student, teacher on each rank): the same rollouts and losses as one
-    process with 2 micro-batches."""
+    """torchrun, 2 CPU processes (gloo, FSDP2 student, the teacher sharded forward-only over both): the same
+    rollouts and losses as one process with 2 micro-batches."""
     common = dict(train__steps=2, checkpoint__every=2, data__micro_batch_size=1, opd__samples_per_prompt=2,
                   student=student_init)
     single = opd_config(tmp_path, prompts, other_teacher, "single", data__grad_accum=2, **common)
-    double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, **common)
+    double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, teacher__placement="fsdp",
+                        **common)
     for cfg, name in ((single, "single"), (double, "double")):
         (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
