@@ -400,3 +400,22 @@ def test_gpu_step_with_a_captured_sampler(tmp_path, prompts, student_init, sampl
     first = metrics(run)[0]["opd"]
     assert abs(first["reverse_kl"]) < 1e-2 and abs(first["sampled_kl"]) < 5e-2
     assert first["sampled_tokens_per_s"] > 0
+
+
+def test_rollout_statistics_against_plain_python():
+    rng = np.random.default_rng(0)
+    completions = [rng.integers(0, 5, size=n).tolist() for n in (0, 3, 9, 40)] + [[7, 8, 7, 8, 7, 8, 7]]
+    for n in (1, 2, 4):
+        grams = [[tuple(c[i:i + n]) for i in range(len(c) - n + 1)] for c in completions]
+        expected = sum(len(g) - len(set(g)) for g in grams) / sum(len(g) for g in grams)
+        assert rollouts.repetition_rate(completions, n) == pytest.approx(expected, rel=1e-12)
+    good = [tk.CHANNEL, *tk.encode("final"), tk.MESSAGE, *tk.encode("5"), tk.RETURN]
+    assert rollouts.parse_failures([good, [*tk.encode("no header"), tk.RETURN], good]) == 1
+    # completions without <|message|> are counted without the parser: the parser refuses them as well
+    from openai_harmony import HarmonyError, Role
+
+    headless = [[tk.CHANNEL, *tk.encode("final")], rng.integers(0, 199_000, size=30).tolist(), [tk.RETURN], []]
+    for tokens in headless:
+        with pytest.raises(HarmonyError):
+            tk.harmony().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
+    assert rollouts.parse_failures(headless) == len(headless)

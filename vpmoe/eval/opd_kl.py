@@ -35,7 +35,7 @@ def heldout_reverse_kl(model, teacher: OnlineTeacher, dataset: str | Path, *, sp
     device = model.head.weight.device
     system = system_tokens(effort)
     g = samples_per_prompt
-    sampler = Sampler(model, batch_size=batch_prompts * g, max_prompt_len=int(manifest["seq_len"]) + len(system),
+    sampler = Sampler(model, batch_size=batch_prompts * g, max_prompt_len=int(manifest["seq_len"]),
                       max_new_tokens=max_new_tokens)
     generator = torch.Generator(device).manual_seed(seed)
     sums = torch.zeros(spans.COUNT, dtype=torch.float64)

@@ -82,7 +82,7 @@ class OnPolicyDistillation(Objective):
         if manifest["format"] != "prompts":
             raise UserError(f"train.stage = \"opd\" samples from prompts: {cfg.data.path} is a {manifest['format']!r} "
                             f"dataset; build one with data.format = \"prompts\"")
-        self.max_prompt_len = int(manifest["seq_len"])
+        self.max_prompt_len = int(manifest["seq_len"])  # with any effort's system message (data/harmony.py)
         self.teacher = teacher or load_online_teacher(cfg.teacher, ranks)
         self.curriculum = Curriculum(cfg.curriculum, cfg.opd.max_new_tokens, cfg.run.seed)
         self.systems = {effort: system_tokens(effort) for effort in EFFORTS}
@@ -104,7 +104,7 @@ class OnPolicyDistillation(Objective):
         self.policy.eval().requires_grad_(False)
         self.sync_policy()
         self.sampler = Sampler(self.policy, batch_size=self.cfg.data.micro_batch_size * self.opd.samples_per_prompt,
-                               max_prompt_len=self.max_prompt_len + max(len(s) for s in self.systems.values()),
+                               max_prompt_len=self.max_prompt_len,
                                max_new_tokens=self.opd.max_new_tokens, mode=self.opd.sampler)
 
     @torch.no_grad()
