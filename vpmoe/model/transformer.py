@@ -3,6 +3,8 @@
 forward(input_ids [B, S], position_ids [B, S] | None, doc_ids [B, S] | None, cache=None) -> ModelOutput
 - logits_at (bool [B, S], optional) computes logits only at those positions: ModelOutput.logits is then [N, V]
   in row-major order (training needs them at supervised positions only; the 201088-wide head dominates).
+- head(hidden [N, D] (or [B, S, D]), head_weight [V, D]), optional, replaces the head: no logits are made and
+  ModelOutput.head_output is what it returns (chunked losses straight from the final hidden states).
 - doc_ids marks documents within a packed row: attention never crosses a change of doc id (padding may be its
   own document). position_ids restart at 0 in each document; when omitted they are derived from doc_ids.
 - ModelOutput.aux_loss is the sum over MoE layers of seq_aux_loss (unscaled: multiply by cfg.moe.aux_loss_coeff);
@@ -15,7 +17,9 @@ forward(input_ids [B, S], position_ids [B, S] | None, doc_ids [B, S] | None, cac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,9 +40,10 @@ FP32_NAMES = ("grape_log_freq", "expert_bias")
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when a `head` function replaced the head
     aux_loss: torch.Tensor | None  # sum over MoE layers of seq_aux_loss, unscaled; None for dense models
     routing_counts: torch.Tensor | None  # [n_moe_layers, E] int64; None for dense models
+    head_output: Any = None  # what the `head` function returned
 
 
 @dataclass
@@ -143,11 +148,14 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> ModelOutput:
         out = self.body(input_ids, position_ids, doc_ids, cache)
         hidden = out.hidden
         if logits_at is not None:  # the head only where a loss needs it: [N, V] instead of [B, S, V]
             hidden = hidden[logits_at]
+        if head is not None:  # inside the forward, where FSDP2 has gathered the head's weight
+            return ModelOutput(None, out.aux_loss, out.routing_counts, head(hidden, self.head.weight))
         return ModelOutput(self.head(hidden), out.aux_loss, out.routing_counts)
 
     def body(

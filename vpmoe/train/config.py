@@ -91,6 +91,50 @@ class LossSection:
 
 
 @dataclass
+class DistillSection:
+    """[distill] of stage kd_online: CE + full-vocabulary KL + hidden-state cosine (train/objectives/kd_online.py).
+    Every term is span-normalized over the global batch and weighted as given (the weights are not renormalized)."""
+
+    ce: float = 0.25  # cross-entropy on the dataset's tokens (at T = 1)
+    kl: float = 0.5  # T^2 * KL(teacher || student) over the whole vocabulary, both at `temperature`
+    hidden: float = 0.25  # mean over layer pairs of 1 - cos(W h_student, h_teacher)
+    temperature: float = 1.0
+    kl_chunk_tokens: int = 1024  # positions per chunk of the head losses (memory ~ 3 * chunk * vocab * 4 B)
+    # "auto": 5 student blocks at even fractional depths (the last one included) mapped to the teacher's
+    # round((i + 1) * L_t / L_s) - 1; or [[student_block, teacher_block], ...], 0-based block outputs
+    layer_pairs: str | list[list[int]] = "auto"
+    hidden_weight_schedule: Literal["constant", "linear"] = "constant"
+    hidden_final: float | None = None  # linear: the hidden weight at the last step (train.steps)
+    standardize: bool = False  # standardize the teacher states per dimension by running statistics
+    projection_lr: float = 5e-3  # AdamW peak LR of the projections (their own group, the model's schedule)
+    projection_weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        for key in ("ce", "kl", "hidden", "projection_weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ce + self.kl + self.hidden == 0:
+            raise ValueError("distill.ce, distill.kl and distill.hidden are all 0: nothing to train on")
+        if self.temperature <= 0 or self.projection_lr <= 0 or self.kl_chunk_tokens < 1:
+            raise ValueError("distill.temperature and distill.projection_lr must be positive, "
+                             "distill.kl_chunk_tokens at least 1")
+        if isinstance(self.layer_pairs, str) and self.layer_pairs != "auto":
+            raise ValueError(f'distill.layer_pairs must be "auto" or a list of [student_layer, teacher_layer], '
+                             f"got {self.layer_pairs!r}")
+        if (self.hidden_weight_schedule == "linear") != (self.hidden_final is not None):
+            raise ValueError('distill.hidden_final goes with distill.hidden_weight_schedule = "linear" (the weight '
+                             'at the last step), and only with it')
+        if self.hidden_final is not None and self.hidden_final < 0:
+            raise ValueError(f"distill.hidden_final must be >= 0, got {self.hidden_final}")
+
+    def hidden_weight(self, step: int, steps: int) -> float:
+        """The hidden term's weight at optimizer step `step` (0-based) of `steps`."""
+        if self.hidden_weight_schedule == "constant":
+            return self.hidden
+        return self.hidden + (self.hidden_final - self.hidden) * step / max(steps - 1, 1)
+
+
+@dataclass
 class CheckpointSection:
     every: int  # steps between checkpoints (the last step is always saved)
     keep: int = 3  # complete checkpoints kept; older ones are deleted
@@ -128,6 +172,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     health: HealthSection = field(default_factory=HealthSection)
     teacher: OnlineTeacherSection | None = None  # the in-the-loop teacher of kd_online / opd
+    distill: DistillSection | None = None  # kd_online's loss mix (defaults when left out)
 
     def validate(self) -> None:
         online = self.train.stage in ONLINE_TEACHER_STAGES
@@ -137,6 +182,17 @@ class TrainConfig:
         if self.teacher is not None and not online:
             raise ValueError(f"[teacher] is for the stages with a teacher in the loop {list(ONLINE_TEACHER_STAGES)}, "
                              f"not train.stage = \"{self.train.stage}\"")
+        if self.distill is not None and self.train.stage != "kd_online":
+            raise ValueError(f"[distill] is for train.stage = \"kd_online\", not \"{self.train.stage}\"")
+        if self.train.stage == "kd_online":
+            if self.train.compile == "cudagraphs":
+                raise ValueError('train.stage = "kd_online" reads block outputs with hooks, which CUDA-graph replays '
+                                 'overwrite: use train.compile = "on"')
+            defaults = LossSection()
+            moved = [k for k in ("ce", "temperature") if getattr(self.loss, k) != getattr(defaults, k)]
+            if moved:
+                raise ValueError(f"kd_online takes its weights and temperature from [distill]: set distill.{moved[0]} "
+                                 f"instead of loss.{moved[0]} (loss.span_weights still applies)")
         needs_teacher = self.loss.kd > 0 or self.loss.confidence_ce > 0
         if needs_teacher and self.train.stage != "kd_offline":
             raise ValueError("loss.kd and loss.confidence_ce need a teacher: set train.stage = \"kd_offline\"")

@@ -8,9 +8,12 @@ from vpmoe.train.config import TrainConfig
 from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
 from vpmoe.train.objectives.ce import CrossEntropy
 from vpmoe.train.objectives.kd_offline import OfflineKD
+from vpmoe.train.objectives.kd_online import OnlineKD
 from vpmoe.train.objectives.opd import OnPolicyDistillation
 
-STAGES: dict[str, type[Objective]] = {"ce": CrossEntropy, "kd_offline": OfflineKD, "opd": OnPolicyDistillation}
+STAGES: dict[str, type[Objective]] = {
+    "ce": CrossEntropy, "kd_offline": OfflineKD, "kd_online": OnlineKD, "opd": OnPolicyDistillation,
+}
 
 
 def build_objective(cfg: TrainConfig, ranks: Ranks) -> Objective:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from vpmoe.data.loader import Batch
+from vpmoe.teacher.online import TeacherStates
 from vpmoe.teacher.sidecar import TeacherRows
 
 
@@ -27,9 +28,11 @@ class TrainBatch:
 
     rows: Batch
     teacher: TeacherRows | None = None  # the teacher's top-K at the supervised positions (offline KD)
+    teacher_states: TeacherStates | None = None  # the in-loop teacher's states there (online KD), on its device
 
     def to(self, device) -> TrainBatch:
-        return TrainBatch(self.rows.to(device), self.teacher.to(device) if self.teacher is not None else None)
+        return TrainBatch(self.rows.to(device), self.teacher.to(device) if self.teacher is not None else None,
+                          self.teacher_states)
 
 
 @dataclass
