@@ -43,7 +43,6 @@ from vpmoe.data.loader import Batch, read_manifest
 from vpmoe.distributed import Ranks, all_reduce_sum
 from vpmoe.errors import UserError
 from vpmoe.model import build_model
-from vpmoe.model.capture import capture_outputs
 from vpmoe.model.sample import Sampler
 from vpmoe.teacher.online import OnlineTeacher, load_online_teacher
 from vpmoe.train import head_losses, losses, rollouts
@@ -199,15 +198,17 @@ class OnPolicyDistillation(Objective):
 
     def loss(self, model, batch: RolloutBatch, counts: torch.Tensor) -> LossOutput:
         opd, rows, select = self.opd, batch.rows, batch.select
-        with capture_outputs([model.final_norm]) as captured:  # the head runs chunked below, not in the model
-            out = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=torch.zeros_like(select))
-        hidden = captured[0][select]
         targets, spans = rows.labels[select], rows.label_spans[select]
         teacher = head_losses.TeacherHead(batch.teacher_hidden, self.teacher.head_weight, self.teacher.head_bias)
         sampled_mode = opd.loss == "sampled"
-        values = head_losses.compute(hidden, model.head.weight, targets=targets, teacher=teacher, ce=sampled_mode,
-                                     reverse_kl=True, forward_kl=opd.forward_kl > 0, stats=True, topk=opd.topk,
-                                     chunk_size=opd.chunk_tokens)
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor) -> head_losses.HeadLosses:
+            return head_losses.compute(hidden, weight, targets=targets, teacher=teacher, ce=sampled_mode,
+                                       reverse_kl=True, forward_kl=opd.forward_kl > 0, stats=True, topk=opd.topk,
+                                       chunk_size=opd.chunk_tokens)
+
+        out = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=select, head=head)
+        values = out.head_output
         sampled_kl = (batch.sampler_logprobs - values.teacher_logprob).detach()
         terms = {}
         if sampled_mode:
