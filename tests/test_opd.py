@@ -192,7 +192,8 @@ class FixedTeacher:
 
 def test_reverse_kl_loss_and_gradient_equal_trl_and_float64(tmp_path, prompts, student_init):
     """The OPD loss of one micro-batch (exact reverse KL, span-normalized by global counts) and its gradient equal
-    TRL's generalized_jsd_loss at beta = 1 per span on the same logits, and float64 math."""
+    TRL's generalized_jsd_loss at beta = 1 per span on the same logits, and float64 math; so does the sampled-token
+    estimator's against float64 math."""
     from trl.experimental.gkd import GKDTrainer
 
     from vpmoe.train.objectives.opd import OnPolicyDistillation, RolloutBatch
@@ -233,6 +234,23 @@ def test_reverse_kl_loss_and_gradient_equal_trl_and_float64(tmp_path, prompts, s
     per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
     exact = sum(per_token[label_spans == s].sum() / counts[s] for s in (spans.REASONING, spans.FINAL))
     assert out.terms["reverse_kl"].item() == pytest.approx(exact.item(), rel=1e-6)
+
+    # opd.loss = "sampled" on the same rollouts: -min(r A, clip(r) A) with A = log p_T - log p_sampler and
+    # r = exp(log p_S - log p_sampler) of the sampled ids, in float64 from the full logits
+    objective.opd = config_io.replace(cfg, {"opd.loss": "sampled", "opd.clip_low": 0.1, "opd.clip_high": 0.2}).opd
+    out = objective.loss(model, rollout, counts)
+    ours = torch.autograd.grad(out.terms["sampled_reverse_kl"], params)
+    ids = batch.labels[select]
+    logits = model(batch.input_ids, batch.position_ids, batch.doc_ids, logits_at=select).logits
+    logp = logits.double().log_softmax(-1).gather(1, ids[:, None])[:, 0]
+    advantage = log_t.gather(1, ids[:, None])[:, 0] - rollout.sampler_logprobs.double()
+    ratio = (logp - rollout.sampler_logprobs.double()).exp()
+    per_token = -torch.minimum(ratio * advantage, ratio.clamp(0.9, 1.2) * advantage)
+    reference = sum(per_token[label_spans == s].sum() / counts[s] for s in (spans.REASONING, spans.FINAL))
+    theirs = torch.autograd.grad(reference, params)
+    assert out.terms["sampled_reverse_kl"].item() == pytest.approx(reference.item(), rel=1e-5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-7)
 
 
 # ---- the stage end to end --------------------------------------------------------------------------------------------
