@@ -44,6 +44,7 @@ from vpmoe.distributed import Ranks, all_reduce_sum
 from vpmoe.errors import UserError
 from vpmoe.model import build_model
 from vpmoe.model.sample import Sampler
+from vpmoe.teacher.load import identity
 from vpmoe.teacher.online import OnlineTeacher, load_online_teacher
 from vpmoe.train import head_losses, losses, rollouts
 from vpmoe.train.config import TrainConfig
@@ -315,7 +316,8 @@ class OnPolicyDistillation(Objective):
         self.curriculum.load_state_dict(state["curriculum"])
 
     def provenance(self) -> list[dict]:
-        return [{"teacher": self.teacher.name, "placement": self.teacher.placement}]
+        teacher = identity(self.cfg.teacher.path) if self.cfg.teacher is not None else {"name": self.teacher.name}
+        return [{"teacher": teacher}]
 
 
 def _seed(seed: int, step: int, index: int) -> int:
