@@ -437,3 +437,12 @@ def test_rollout_statistics_against_plain_python():
         with pytest.raises(HarmonyError):
             tk.harmony().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
     assert rollouts.parse_failures(headless) == len(headless)
+
+
+def test_a_resumed_run_drops_later_and_torn_rollout_lines(tmp_path):
+    from vpmoe.train.objectives.opd import _truncate_rollouts
+
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "compl')
+    _truncate_rollouts(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -325,10 +325,17 @@ def _seed(seed: int, step: int, index: int) -> int:
 
 
 def _truncate_rollouts(path: Path, step: int) -> None:
-    """Drop rollouts dumped after `step` (a resumed run dumps those steps again)."""
+    """Drop rollouts dumped after `step` (a resumed run dumps those steps again) and a line torn by a kill."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if _step_of(line) <= step]
     if len(kept) != len(lines):
         write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # torn
