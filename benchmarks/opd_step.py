@@ -10,11 +10,11 @@ Setup: a `prompts` dataset of random-text queries cut so that every prompt (syst
 with other random weights, saved as a checkpoint object and loaded by the stage's own teacher loader on the same
 GPU. The step samples --batch rows (--batch / 4 prompts x 4 samples, one micro-batch), which with random weights
 almost never stop early: every row runs to --new tokens; the teacher and the training go through them --train-rows
-rows at a time (compiled blocks with activation checkpointing on the GPU). The first --warmup steps (compilation, autotuning) are
-not timed; then per step: sampling (the sampler's call, host sync included), teacher scoring (building the rows,
-the alignment checks and the teacher's forward), training (the student's forward with the chunked head losses,
-backward, optimizer) and the rest (copying the weights into the sampling copy, curriculum), from the objective's
-and the trainer's own timers.
+rows at a time (compiled blocks with activation checkpointing on the GPU). The first --warmup steps (compilation,
+autotuning) are not timed; then per step: sampling (the sampler's call, host sync included), teacher scoring
+(building the rows, the alignment checks and the teacher's forward), training (the student's forward with the
+chunked head losses, backward, optimizer) and the rest (copying the weights into the sampling copy, curriculum),
+from the objective's and the trainer's own timers.
 
 Memory bound of a decode step (benchmarks/opd_rollout.py): every parameter but the embedding is read once per
 step, plus the KV-cache slots the step reads, at --bandwidth bytes/s (H200 HBM3e: 4.8e12).
@@ -79,7 +79,8 @@ def main() -> None:
           f"+ training {step['training']:.2f} + other {step['other']:.2f}")
     print(f"sampling: {result['sampled_tokens_per_s']:,.0f} sampled tokens/s; memory bound at "
           f"{bound['bandwidth_tb_per_s']} TB/s: weights {bound['weights_gb_per_step']} GB -> "
-          f"{bound['weights_only_tokens_per_s']:,} tokens/s, with the KV cache {bound['weights_and_kv_tokens_per_s']:,}")
+          f"{bound['weights_only_tokens_per_s']:,} tokens/s, with the KV cache "
+          f"{bound['weights_and_kv_tokens_per_s']:,}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

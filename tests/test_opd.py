@@ -266,8 +266,8 @@ def test_teacher_equal_to_the_student_gives_zero_kl(tmp_path, prompts, student_i
         assert abs(first["terms"][term]) <= 1e-4
         tokens = sum(first["spans"][s]["tokens"] for s in ("reasoning", "final"))
         assert tokens == round(first["opd"]["length"]["mean"] * 2 * 2)  # every sampled token, nothing after
-        for key in ("truncated_fraction", "return_rate", "parse_failure_rate", "repetition_rate", "sampled_tokens_per_s",
-                    "rollouts_per_s", "by_effort", "length"):
+        for key in ("truncated_fraction", "return_rate", "parse_failure_rate", "repetition_rate",
+                    "sampled_tokens_per_s", "rollouts_per_s", "by_effort", "length"):
             assert key in first["opd"]
         assert "router" in first and "entropy" in first["spans"]["reasoning"]
         dumped = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
@@ -296,7 +296,8 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
     cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 300
-    while checkpoints.latest(tmp_path / "killed") is None or checkpoints.latest(tmp_path / "killed").name < "step_0000002":
+    latest = lambda: checkpoints.latest(tmp_path / "killed")  # noqa: E731
+    while latest() is None or latest().name < "step_0000002":
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

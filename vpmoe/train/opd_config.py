@@ -25,7 +25,8 @@ class OpdSection:
     # "same": the student's prompt has the teacher's (the curriculum's) effort; an effort: the student's prompt always
     # has it while the teacher's follows the curriculum (asymmetric, an experiment: watch the lengths)
     student_effort: Literal["same", "low", "medium", "high"] = "same"
-    sampler: Literal["eager", "graph", "compile"] = "eager"  # the decode step (vpmoe.model.sample); CUDA for the last two
+    # the sampler's decode step (vpmoe.model.sample): "graph" and "compile" need CUDA
+    sampler: Literal["eager", "graph", "compile"] = "eager"
     chunk_tokens: int = 512  # tokens per chunk of the head losses (bounds the [chunk x vocab] fp32 buffers)
     topk: int = 8  # k of the teacher top-k mass / overlap statistics
     ngram: int = 4  # n of the repetition rate

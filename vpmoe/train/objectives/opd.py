@@ -5,8 +5,9 @@ Per optimizer step (`batches`): the sampling copy of the student (the policy: a 
 compute dtype, its weights copied in place from the student first) completes each micro-batch's
 data.micro_batch_size prompts opd.samples_per_prompt times, at opd.temperature / top_p / top_k, stopping at
 `<|return|>`, `<|call|>` or `<|endoftext|>` (kept and trained on; nothing after it) or at the curriculum's
-max_new_tokens; training (and the teacher) then go through them opd.train_rows rows at a time. Each prompt gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has
-the same effort, or opd.student_effort (asymmetric). The teacher scores teacher_prompt_ids + completion_ids, the
+max_new_tokens; the teacher and the training then go through them opd.train_rows rows at a time. Each prompt
+gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has the same effort, or
+opd.student_effort (asymmetric). The teacher scores teacher_prompt_ids + completion_ids, the
 sampled ids themselves (never decoded and re-encoded), and both sides assert that their scored positions predict
 exactly those ids. Micro-batch m of rank r is micro-batch m * world + r of the global step: its prompts, efforts
 and sampling generator (seeded by run.seed, the step and that index) are the same on any number of ranks, so the
@@ -53,8 +54,6 @@ from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
 from vpmoe.train.parallelize import autocast_dtype
 
 ROLLOUTS_FILE = "rollouts.jsonl"
-# per-token values logged per span (the loop divides by the span's tokens)
-SPAN_METRICS = ("reverse_kl", "sampled_kl", "entropy", "teacher_topk_mass", "topk_overlap")
 
 
 @dataclass
