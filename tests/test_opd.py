@@ -192,10 +192,10 @@ class FixedTeacher:
 
 def test_reverse_kl_loss_and_gradient_equal_trl_and_float64(tmp_path, prompts, student_init):
     """The OPD loss of one micro-batch (exact reverse KL, span-normalized by global counts) and its gradient equal
-    TRL's generalized_jsd_loss at beta = 1 per span on the same logits, and float64 math."""
+    TRL's generalized_jsd_loss at beta = 1 per span on the same logits, and float64 math; so does the sampled-token
+    estimator's against float64 math."""
     from trl.experimental.gkd import GKDTrainer
 
-    from vpmoe.train.objectives.base import TrainBatch  # noqa: F401
     from vpmoe.train.objectives.opd import OnPolicyDistillation, RolloutBatch
 
     torch.manual_seed(1)
@@ -235,6 +235,23 @@ def test_reverse_kl_loss_and_gradient_equal_trl_and_float64(tmp_path, prompts, s
     exact = sum(per_token[label_spans == s].sum() / counts[s] for s in (spans.REASONING, spans.FINAL))
     assert out.terms["reverse_kl"].item() == pytest.approx(exact.item(), rel=1e-6)
 
+    # opd.loss = "sampled" on the same rollouts: -min(r A, clip(r) A) with A = log p_T - log p_sampler and
+    # r = exp(log p_S - log p_sampler) of the sampled ids, in float64 from the full logits
+    objective.opd = config_io.replace(cfg, {"opd.loss": "sampled", "opd.clip_low": 0.1, "opd.clip_high": 0.2}).opd
+    out = objective.loss(model, rollout, counts)
+    ours = torch.autograd.grad(out.terms["sampled_reverse_kl"], params)
+    ids = batch.labels[select]
+    logits = model(batch.input_ids, batch.position_ids, batch.doc_ids, logits_at=select).logits
+    logp = logits.double().log_softmax(-1).gather(1, ids[:, None])[:, 0]
+    advantage = log_t.gather(1, ids[:, None])[:, 0] - rollout.sampler_logprobs.double()
+    ratio = (logp - rollout.sampler_logprobs.double()).exp()
+    per_token = -torch.minimum(ratio * advantage, ratio.clamp(0.9, 1.2) * advantage)
+    reference = sum(per_token[label_spans == s].sum() / counts[s] for s in (spans.REASONING, spans.FINAL))
+    theirs = torch.autograd.grad(reference, params)
+    assert out.terms["sampled_reverse_kl"].item() == pytest.approx(reference.item(), rel=1e-5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-7)
+
 
 # ---- the stage end to end --------------------------------------------------------------------------------------------
 
@@ -249,8 +266,8 @@ def test_teacher_equal_to_the_student_gives_zero_kl(tmp_path, prompts, student_i
         assert abs(first["terms"][term]) <= 1e-4
         tokens = sum(first["spans"][s]["tokens"] for s in ("reasoning", "final"))
         assert tokens == round(first["opd"]["length"]["mean"] * 2 * 2)  # every sampled token, nothing after
-        for key in ("truncated_fraction", "return_rate", "parse_failure_rate", "repetition_rate", "sampled_tokens_per_s",
-                    "rollouts_per_s", "by_effort", "length"):
+        for key in ("truncated_fraction", "return_rate", "parse_failure_rate", "repetition_rate",
+                    "sampled_tokens_per_s", "rollouts_per_s", "by_effort", "length"):
             assert key in first["opd"]
         assert "router" in first and "entropy" in first["spans"]["reasoning"]
         dumped = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
@@ -279,7 +296,8 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
     cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 300
-    while checkpoints.latest(tmp_path / "killed") is None or checkpoints.latest(tmp_path / "killed").name < "step_0000002":
+    latest = lambda: checkpoints.latest(tmp_path / "killed")  # noqa: E731
+    while latest() is None or latest().name < "step_0000002":
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -299,12 +317,13 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
 
 
 def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher):
-    """torchrun, 2 CPU processes (gloo, FSDP2 student, teacher on each rank): the same rollouts and losses as one
-    process with 2 micro-batches."""
+    """torchrun, 2 CPU processes (gloo, FSDP2 student, the teacher sharded forward-only over both): the same
+    rollouts and losses as one process with 2 micro-batches."""
     common = dict(train__steps=2, checkpoint__every=2, data__micro_batch_size=1, opd__samples_per_prompt=2,
                   student=student_init)
     single = opd_config(tmp_path, prompts, other_teacher, "single", data__grad_accum=2, **common)
-    double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, **common)
+    double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, teacher__placement="fsdp",
+                        **common)
     for cfg, name in ((single, "single"), (double, "double")):
         (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -349,3 +368,82 @@ def test_shipped_prompts_build_config_loads():
 
     cfg = config_io.load("prompts", BuildConfig, kind="data")
     assert cfg.data.format == "prompts" and not cfg.data.pack
+
+
+def test_training_in_row_chunks_equals_the_whole_micro_batch(tmp_path, prompts, student_init, other_teacher):
+    """opd.train_rows splits a sampled micro-batch for the teacher and the training: same rollouts, same loss and
+    gradient (fp32 sums in another order)."""
+    runs = [metrics(train(opd_config(tmp_path, prompts, other_teacher, f"rows{rows}", student=student_init,
+                                     opd__train_rows=rows, train__steps=1, checkpoint__every=1)))[0]
+            for rows in (0, 1)]
+    whole, chunked = runs
+    assert whole["opd"]["length"] == chunked["opd"]["length"]
+    assert whole["terms"]["reverse_kl"] == pytest.approx(chunked["terms"]["reverse_kl"], rel=1e-5)
+    for span in ("reasoning", "final"):
+        assert whole["spans"][span]["tokens"] == chunked["spans"][span]["tokens"]
+    # the MoE aux loss is a mean over the forwards (its routing statistics are per forward): of the same size
+    assert whole["terms"]["aux"] == pytest.approx(chunked["terms"]["aux"], rel=0.5)
+
+
+def test_asymmetric_prompts_train_with_the_teacher_on_its_own_effort(tmp_path, prompts, student_init):
+    """The student's prompts stay on low effort while the teacher's follow the curriculum (medium, then high): the
+    teacher scores the completions after its own, longer system message, and the alignment holds."""
+    run = train(opd_config(tmp_path, prompts, student_init, opd__student_effort="low", train__steps=2,
+                           checkpoint__every=2, curriculum__steps=[0, 1], curriculum__medium=[1.0, 0.0],
+                           curriculum__high=[0.0, 1.0]))
+    log = metrics(run)
+    assert set(log[0]["opd"]["by_effort"]) == {"medium"} and set(log[1]["opd"]["by_effort"]) == {"high"}
+    dumped = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert all("Reasoning: low" in record["prompt"] for record in dumped)
+    # the teacher (the student's own weights) sees another system message: the KL is no longer 0
+    assert log[0]["opd"]["reverse_kl"] > 1e-6
+
+
+def test_config_refusals(tmp_path, prompts, student_init):
+    with pytest.raises(UserError, match="capacity"):
+        opd_config(tmp_path, prompts, student_init, opd__max_new_tokens=10)  # the curriculum reaches 12
+    with pytest.raises(UserError, match="teacher"):
+        config_io.replace(load_train_config("tiny_opd"), {"teacher": None})
+    with pytest.raises(UserError, match="opd.samples_per_prompt"):
+        opd_config(tmp_path, prompts, student_init, opd__samples_per_prompt=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: bf16, fast kernels, graph-captured sampler")
+@pytest.mark.parametrize("sampler", ["graph", "compile"])
+def test_gpu_step_with_a_captured_sampler(tmp_path, prompts, student_init, sampler):
+    """On CUDA (bf16 autocast over fp32 master weights, a bf16 sampling copy): teacher = student gives a reverse KL
+    of bf16 rounding size, and the sampled estimate stays near it."""
+    run = train(opd_config(tmp_path, prompts, student_init, train__steps=2, checkpoint__every=2,
+                           train__device="cuda", train__precision="bf16", train__kernels="fast",
+                           teacher__dtype="bfloat16", opd__sampler=sampler))
+    first = metrics(run)[0]["opd"]
+    assert abs(first["reverse_kl"]) < 1e-2 and abs(first["sampled_kl"]) < 5e-2
+    assert first["sampled_tokens_per_s"] > 0
+
+
+def test_rollout_statistics_against_plain_python():
+    rng = np.random.default_rng(0)
+    completions = [rng.integers(0, 5, size=n).tolist() for n in (0, 3, 9, 40)] + [[7, 8, 7, 8, 7, 8, 7]]
+    for n in (1, 2, 4):
+        grams = [[tuple(c[i:i + n]) for i in range(len(c) - n + 1)] for c in completions]
+        expected = sum(len(g) - len(set(g)) for g in grams) / sum(len(g) for g in grams)
+        assert rollouts.repetition_rate(completions, n) == pytest.approx(expected, rel=1e-12)
+    good = [tk.CHANNEL, *tk.encode("final"), tk.MESSAGE, *tk.encode("5"), tk.RETURN]
+    assert rollouts.parse_failures([good, [*tk.encode("no header"), tk.RETURN], good]) == 1
+    # completions without <|message|> are counted without the parser: the parser refuses them as well
+    from openai_harmony import HarmonyError, Role
+
+    headless = [[tk.CHANNEL, *tk.encode("final")], rng.integers(0, 199_000, size=30).tolist(), [tk.RETURN], []]
+    for tokens in headless:
+        with pytest.raises(HarmonyError):
+            tk.harmony().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
+    assert rollouts.parse_failures(headless) == len(headless)
+
+
+def test_a_resumed_run_drops_later_and_torn_rollout_lines(tmp_path):
+    from vpmoe.train.objectives.opd import _truncate_rollouts
+
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "compl')
+    _truncate_rollouts(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

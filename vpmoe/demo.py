@@ -45,8 +45,8 @@ class DemoSize:
     eval_samples: int = 48  # valid samples for held-out metrics
     suite_items: int = 0  # 0 = the whole micro-suite
     max_new_tokens: int = 48
-    opd_steps: int = 20
-    opd_prompts: int = 16  # held-out prompts for the on-policy reverse KL (x 2 samples each)
+    opd_steps: int = 12
+    opd_prompts: int = 8  # held-out prompts for the on-policy reverse KL (x 2 samples each)
 
 
 def _train(config: str, run_dir: Path, dataset: Path, steps: int, changes: dict | None = None) -> Path:

@@ -35,7 +35,7 @@ def heldout_reverse_kl(model, teacher: OnlineTeacher, dataset: str | Path, *, sp
     device = model.head.weight.device
     system = system_tokens(effort)
     g = samples_per_prompt
-    sampler = Sampler(model, batch_size=batch_prompts * g, max_prompt_len=int(manifest["seq_len"]) + len(system),
+    sampler = Sampler(model, batch_size=batch_prompts * g, max_prompt_len=int(manifest["seq_len"]),
                       max_new_tokens=max_new_tokens)
     generator = torch.Generator(device).manual_seed(seed)
     sums = torch.zeros(spans.COUNT, dtype=torch.float64)
@@ -50,10 +50,10 @@ def heldout_reverse_kl(model, teacher: OnlineTeacher, dataset: str | Path, *, sp
         batch, select = rollouts.training_rows(prompts, completions)
         batch, select = batch.to(device), select.to(device)
         rollouts.check_alignment(batch.input_ids, select, completions, "student")
-        hidden = model.body(batch.input_ids, batch.position_ids, batch.doc_ids).hidden[select]
         states = teacher.forward(batch.input_ids, batch.position_ids, batch.doc_ids, select)
-        kl = head_losses.reverse_kl(hidden, model.head.weight,
-                                    head_losses.TeacherHead(states.hidden, teacher.head_weight, teacher.head_bias))
+        scored = head_losses.TeacherHead(states.hidden, teacher.head_weight, teacher.head_bias)
+        kl = model(batch.input_ids, batch.position_ids, batch.doc_ids, logits_at=select,
+                   head=lambda hidden, weight: head_losses.reverse_kl(hidden, weight, scored)).head_output
         labels = batch.label_spans[select]
         sums += losses.span_sums(kl.double(), labels).cpu()
         counts += losses.span_counts(labels).cpu()

@@ -9,6 +9,9 @@ from typing import Literal
 @dataclass
 class OpdSection:
     samples_per_prompt: int = 4  # G completions per prompt; a micro-batch is data.micro_batch_size prompts x G
+    # rows per training (and teacher) forward: the sampler completes a whole micro-batch at once, training goes
+    # through it this many rows at a time (activations scale with rows x length); 0: all of them at once
+    train_rows: int = 0
     # exact: the per-token reverse KL over the whole vocabulary; sampled: the sampled-token estimator (advantage
     # -(log p_sampler - log p_teacher), importance ratio clipped to [1 - clip_low, 1 + clip_high], discount 0)
     loss: Literal["exact", "sampled"] = "exact"
@@ -22,7 +25,8 @@ class OpdSection:
     # "same": the student's prompt has the teacher's (the curriculum's) effort; an effort: the student's prompt always
     # has it while the teacher's follows the curriculum (asymmetric, an experiment: watch the lengths)
     student_effort: Literal["same", "low", "medium", "high"] = "same"
-    sampler: Literal["eager", "graph", "compile"] = "eager"  # the decode step (vpmoe.model.sample); CUDA for the last two
+    # the sampler's decode step (vpmoe.model.sample): "graph" and "compile" need CUDA
+    sampler: Literal["eager", "graph", "compile"] = "eager"
     chunk_tokens: int = 512  # tokens per chunk of the head losses (bounds the [chunk x vocab] fp32 buffers)
     topk: int = 8  # k of the teacher top-k mass / overlap statistics
     ngram: int = 4  # n of the repetition rate
@@ -36,5 +40,5 @@ class OpdSection:
             raise ValueError("opd.forward_kl >= 0, 0 <= opd.clip_low < 1 and opd.clip_high >= 0 expected")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.topk < 1:
             raise ValueError("opd.temperature > 0, 0 < opd.top_p <= 1, opd.top_k >= 0 and opd.topk >= 1 expected")
-        if min(self.rollouts_every, self.rollouts_logged) < 0:
-            raise ValueError("opd.rollouts_every and opd.rollouts_logged must be >= 0")
+        if min(self.rollouts_every, self.rollouts_logged, self.train_rows) < 0:
+            raise ValueError("opd.rollouts_every, opd.rollouts_logged and opd.train_rows must be >= 0")

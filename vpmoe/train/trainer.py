@@ -200,7 +200,7 @@ class Trainer:
         sums = StepSums(counts=counts, tokens=sum(b.rows.input_ids.numel() for b in batches))
         for batch in batches:
             with self.timer.phase("forward"):
-                loss = self.micro_step(batch, counts, sums)
+                loss = self.micro_step(batch, counts, sums, len(batches))
             with self.timer.phase("backward"):
                 loss.backward()
         if self.ranks.distributed:  # the stage's modules are replicated: average their gradients as FSDP does
@@ -209,8 +209,9 @@ class Trainer:
                     all_reduce_sum(p.grad, self.ranks).div_(self.ranks.world_size)
         return sums
 
-    def micro_step(self, batch, counts: torch.Tensor, sums: StepSums) -> torch.Tensor:
-        """Forward of one micro-batch; returns the tensor to backpropagate and adds its terms to `sums`."""
+    def micro_step(self, batch, counts: torch.Tensor, sums: StepSums, micro_batches: int) -> torch.Tensor:
+        """Forward of one of the step's `micro_batches` micro-batches (grad_accum, or more when the stage splits
+        them); returns the tensor to backpropagate and adds its terms to `sums`. The aux loss is their mean."""
         autocast = torch.autocast(self.ranks.device.type, dtype=self.autocast) if self.autocast else \
             contextlib.nullcontext()
         with autocast:
@@ -218,7 +219,7 @@ class Trainer:
         terms = dict(out.terms)
         loss = self.ranks.world_size * out.loss
         if out.aux_loss is not None:
-            aux = self.model_cfg.moe.aux_loss_coeff * out.aux_loss / self.cfg.data.grad_accum
+            aux = self.model_cfg.moe.aux_loss_coeff * out.aux_loss / micro_batches
             terms["aux"] = aux / self.ranks.world_size  # logged as the mean over ranks after the sum-reduce
             loss = loss + aux
         sums.add(terms, out.span_sums, out.routing)

@@ -5,8 +5,9 @@ Per optimizer step (`batches`): the sampling copy of the student (the policy: a 
 compute dtype, its weights copied in place from the student first) completes each micro-batch's
 data.micro_batch_size prompts opd.samples_per_prompt times, at opd.temperature / top_p / top_k, stopping at
 `<|return|>`, `<|call|>` or `<|endoftext|>` (kept and trained on; nothing after it) or at the curriculum's
-max_new_tokens. Each prompt gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has
-the same effort, or opd.student_effort (asymmetric). The teacher scores teacher_prompt_ids + completion_ids, the
+max_new_tokens; the teacher and the training then go through them opd.train_rows rows at a time. Each prompt
+gets the system message of its effort (vpmoe.train.curriculum); the student's prompt has the same effort, or
+opd.student_effort (asymmetric). The teacher scores teacher_prompt_ids + completion_ids, the
 sampled ids themselves (never decoded and re-encoded), and both sides assert that their scored positions predict
 exactly those ids. Micro-batch m of rank r is micro-batch m * world + r of the global step: its prompts, efforts
 and sampling generator (seeded by run.seed, the step and that index) are the same on any number of ranks, so the
@@ -43,8 +44,8 @@ from vpmoe.data.loader import Batch, read_manifest
 from vpmoe.distributed import Ranks, all_reduce_sum
 from vpmoe.errors import UserError
 from vpmoe.model import build_model
-from vpmoe.model.capture import capture_outputs
 from vpmoe.model.sample import Sampler
+from vpmoe.teacher.load import identity
 from vpmoe.teacher.online import OnlineTeacher, load_online_teacher
 from vpmoe.train import head_losses, losses, rollouts
 from vpmoe.train.config import TrainConfig
@@ -53,8 +54,6 @@ from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
 from vpmoe.train.parallelize import autocast_dtype
 
 ROLLOUTS_FILE = "rollouts.jsonl"
-# per-token values logged per span (the loop divides by the span's tokens)
-SPAN_METRICS = ("reverse_kl", "sampled_kl", "entropy", "teacher_topk_mass", "topk_overlap")
 
 
 @dataclass
@@ -82,7 +81,7 @@ class OnPolicyDistillation(Objective):
         if manifest["format"] != "prompts":
             raise UserError(f"train.stage = \"opd\" samples from prompts: {cfg.data.path} is a {manifest['format']!r} "
                             f"dataset; build one with data.format = \"prompts\"")
-        self.max_prompt_len = int(manifest["seq_len"])
+        self.max_prompt_len = int(manifest["seq_len"])  # with any effort's system message (data/harmony.py)
         self.teacher = teacher or load_online_teacher(cfg.teacher, ranks)
         self.curriculum = Curriculum(cfg.curriculum, cfg.opd.max_new_tokens, cfg.run.seed)
         self.systems = {effort: system_tokens(effort) for effort in EFFORTS}
@@ -104,7 +103,7 @@ class OnPolicyDistillation(Objective):
         self.policy.eval().requires_grad_(False)
         self.sync_policy()
         self.sampler = Sampler(self.policy, batch_size=self.cfg.data.micro_batch_size * self.opd.samples_per_prompt,
-                               max_prompt_len=self.max_prompt_len + max(len(s) for s in self.systems.values()),
+                               max_prompt_len=self.max_prompt_len,
                                max_new_tokens=self.opd.max_new_tokens, mode=self.opd.sampler)
 
     @torch.no_grad()
@@ -132,10 +131,12 @@ class OnPolicyDistillation(Objective):
             index = m * world + self.ranks.rank  # this micro-batch's place in the global step
             rows = next(data)
             mine = efforts[index * per_micro:(index + 1) * per_micro]
-            out.append(self.rollout_batch(rows, mine, step, index, phase.max_new_tokens))
+            out += self.rollout_batches(rows, mine, step, index, phase.max_new_tokens)
         return out
 
-    def rollout_batch(self, rows: Batch, efforts: list[str], step: int, index: int, max_new_tokens: int):
+    def rollout_batches(self, rows: Batch, efforts: list[str], step: int, index: int,
+                        max_new_tokens: int) -> list[RolloutBatch]:
+        """Sample one micro-batch's rollouts and score them: RolloutBatches of at most opd.train_rows rows."""
         opd, device, g = self.opd, self.ranks.device, self.opd.samples_per_prompt
         stored = [rows.input_ids[r, :int((rows.doc_ids[r] == 0).sum())].tolist() for r in range(len(efforts))]
         student_effort = lambda e: e if opd.student_effort == "same" else opd.student_effort  # noqa: E731
@@ -152,6 +153,20 @@ class OnPolicyDistillation(Objective):
         self.note_rollouts(completions, sampled.stopped.tolist(), time.perf_counter() - start)
 
         start = time.perf_counter()
+        size = opd.train_rows or len(prompts)
+        out = []
+        for first in range(0, len(prompts), size):
+            part = slice(first, first + size)
+            out.append(self.scored_rows(prompts[part], teacher_prompts[part], completions[part], row_efforts[part],
+                                        sampled.logprobs[part][sampled.mask[part]]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.window["teacher_s"] += time.perf_counter() - start
+        return out
+
+    def scored_rows(self, prompts, teacher_prompts, completions, row_efforts, sampler_logprobs) -> RolloutBatch:
+        """The training rows of some rollouts and the teacher's states at their completion positions."""
+        device = self.ranks.device
         batch, select = rollouts.training_rows(prompts, completions)
         batch, select = batch.to(device), select.to(device)
         rollouts.check_alignment(batch.input_ids, select, completions, "student")
@@ -161,14 +176,10 @@ class OnPolicyDistillation(Objective):
             scored, scored_select = scored.to(device), scored_select.to(device)
             rollouts.check_alignment(scored.input_ids, scored_select, completions, "teacher")
         states = self.teacher.forward(scored.input_ids, scored.position_ids, scored.doc_ids, scored_select)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.window["teacher_s"] += time.perf_counter() - start
-        effort_ids = torch.tensor([EFFORTS.index(e) for e, n in zip(row_efforts, lengths) for _ in range(n)],
-                                  device=device)
-        return RolloutBatch(rows=batch, select=select, teacher_hidden=states.hidden,
-                            sampler_logprobs=sampled.logprobs[sampled.mask], efforts=effort_ids,
-                            prompts=prompts, completions=completions, row_efforts=row_efforts)
+        effort_ids = torch.tensor([EFFORTS.index(e) for e, c in zip(row_efforts, completions) for _ in c],
+                                  dtype=torch.long, device=device)
+        return RolloutBatch(rows=batch, select=select, teacher_hidden=states.hidden, sampler_logprobs=sampler_logprobs,
+                            efforts=effort_ids, prompts=prompts, completions=completions, row_efforts=row_efforts)
 
     def note_rollouts(self, completions: list[list[int]], stopped: list[bool], seconds: float) -> None:
         w = self.window
@@ -187,15 +198,17 @@ class OnPolicyDistillation(Objective):
 
     def loss(self, model, batch: RolloutBatch, counts: torch.Tensor) -> LossOutput:
         opd, rows, select = self.opd, batch.rows, batch.select
-        with capture_outputs([model.final_norm]) as captured:  # the head runs chunked below, not in the model
-            out = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=torch.zeros_like(select))
-        hidden = captured[0][select]
         targets, spans = rows.labels[select], rows.label_spans[select]
         teacher = head_losses.TeacherHead(batch.teacher_hidden, self.teacher.head_weight, self.teacher.head_bias)
         sampled_mode = opd.loss == "sampled"
-        values = head_losses.compute(hidden, model.head.weight, targets=targets, teacher=teacher, ce=sampled_mode,
-                                     reverse_kl=True, forward_kl=opd.forward_kl > 0, stats=True, topk=opd.topk,
-                                     chunk_size=opd.chunk_tokens)
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor) -> head_losses.HeadLosses:
+            return head_losses.compute(hidden, weight, targets=targets, teacher=teacher, ce=sampled_mode,
+                                       reverse_kl=True, forward_kl=opd.forward_kl > 0, stats=True, topk=opd.topk,
+                                       chunk_size=opd.chunk_tokens)
+
+        out = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=select, head=head)
+        values = out.head_output
         sampled_kl = (batch.sampler_logprobs - values.teacher_logprob).detach()
         terms = {}
         if sampled_mode:
@@ -302,7 +315,8 @@ class OnPolicyDistillation(Objective):
         self.curriculum.load_state_dict(state["curriculum"])
 
     def provenance(self) -> list[dict]:
-        return [{"teacher": self.teacher.name, "placement": self.teacher.placement}]
+        teacher = identity(self.cfg.teacher.path) if self.cfg.teacher is not None else {"name": self.teacher.name}
+        return [{"teacher": teacher}]
 
 
 def _seed(seed: int, step: int, index: int) -> int:
@@ -310,10 +324,17 @@ def _seed(seed: int, step: int, index: int) -> int:
 
 
 def _truncate_rollouts(path: Path, step: int) -> None:
-    """Drop rollouts dumped after `step` (a resumed run dumps those steps again)."""
+    """Drop rollouts dumped after `step` (a resumed run dumps those steps again) and a line torn by a kill."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if _step_of(line) <= step]
     if len(kept) != len(lines):
         write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # torn
