@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+from vpmoe import cli
+
 
 def main(argv: list[str]) -> int:
     target, count, *cli_args = argv
@@ -28,10 +30,8 @@ def main(argv: list[str]) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    setattr(module, name, then_die)
-    from vpmoe.cli import main as cli_main
-
-    return cli_main(cli_args)
+    setattr(module, name, then_die)  # callers look the function up in its module at call time
+    return cli.main(cli_args)
 
 
 if __name__ == "__main__":
