@@ -4,20 +4,17 @@ direct float64 computation with the model."""
 import copy
 import json
 
+import lm_eval
 import pytest
 import torch
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
-pytest.importorskip("lm_eval")
-
-import lm_eval  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from vpmoe import tokenizer as tk  # noqa: E402
-from vpmoe.eval.lm_eval_adapter import VpmoeLM  # noqa: E402
-from vpmoe.eval.suite import prompt_tokens  # noqa: E402
-from vpmoe.model import build_model  # noqa: E402
-from vpmoe.testing.models import model_config  # noqa: E402
+from vpmoe import tokenizer as tk
+from vpmoe.eval.lm_eval_adapter import VpmoeLM
+from vpmoe.eval.suite import prompt_tokens
+from vpmoe.model import build_model
+from vpmoe.testing.models import model_config
 
 MAX_LENGTH = 16  # small, so rolling loglikelihood needs several windows and generation truncates nothing here
 MC = [

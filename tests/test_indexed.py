@@ -1,3 +1,4 @@
+import megatron.core.datasets.indexed_dataset as megatron
 import numpy as np
 import pytest
 
@@ -7,7 +8,6 @@ from vpmoe.errors import UserError
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.uint16])
 def test_megatron_reads_our_files(tmp_path, dtype):
-    megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, 200, size=rng.integers(0, 50)).astype(dtype) for _ in range(30)]
     with IndexedWriter(tmp_path / "x", dtype) as w:

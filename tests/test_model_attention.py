@@ -235,15 +235,6 @@ def test_global_layer_is_nope_and_local_layer_is_not():
     assert not hasattr(_layer(cfg, 3), "grape_log_freq")
 
 
-def test_grape_frequencies_are_learned():
-    cfg = model_config("tiny_real")
-    attn = _layer(cfg, 0)
-    x = torch.randn(1, 12, cfg.model.hidden_size, dtype=f64)
-    out, _ = attn(x, _context(12))
-    (grad,) = torch.autograd.grad(out.square().sum(), attn.grape_log_freq)
-    assert grad.abs().sum() > 0
-
-
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 3, 8), (2, 2, 32), (8, 1, 16)])
 def test_compat_attention_matches_hugging_face_qwen3(heads, kv_heads, head_dim):
     from transformers import Qwen3Config
@@ -304,3 +295,46 @@ def test_flex_path_masks_alibi_and_sinks_match_reference_forward_on_cpu(window, 
             q.double(), k.double(), v.double(), q_index=index, k_index=index, q_doc=doc_ids, k_doc=doc_ids,
             window=window, alibi=alibi, sinks=sinks.double(), scale=32**-0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_grape_frequency_gradient_equals_a_float64_finite_difference():
+    cfg = model_config("tiny_real")
+    attn = _layer(cfg, 0)
+    assert attn.kind == "local"
+    x = torch.randn(1, 12, cfg.model.hidden_size, dtype=f64, generator=torch.Generator().manual_seed(1))
+
+    def loss():
+        out, _ = attn(x, _context(12))
+        return out.square().sum()
+
+    (grad,) = torch.autograd.grad(loss(), attn.grape_log_freq)
+    h, numeric = 1e-5, torch.zeros_like(grad)
+    with torch.no_grad():
+        for i in range(len(numeric)):
+            attn.grape_log_freq[i] += h
+            up = loss()
+            attn.grape_log_freq[i] -= 2 * h
+            down = loss()
+            attn.grape_log_freq[i] += h
+            numeric[i] = (up - down) / (2 * h)
+    assert grad.abs().min() > 0
+    # central difference: truncation O(h^2) and rounding O(1e-16 / h), both far below 1e-6 of the largest entry
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-6 * float(numeric.abs().max()))
+
+
+@pytest.mark.parametrize("mix", [0.3, 0.85])
+def test_value_residual_mixing_is_the_interpolation_of_the_values(mix):
+    """Attention is affine in V (the output bias enters with weight (1 - lambda) + lambda = 1), so mixing the
+    values with lambda gives the same interpolation of the outputs at lambda = 0 and 1."""
+    cfg = model_config("tiny_real")
+    attn = _layer(cfg, 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 10, cfg.model.hidden_size, dtype=f64, generator=g)
+    v_first = torch.randn(1, 10, cfg.attention.n_kv_heads, cfg.attention.head_dim, dtype=f64, generator=g)
+    with torch.no_grad():
+        assert attn(x, _context(10))[1].shape == v_first.shape  # this layer's own V, as the model passes layer 0's
+        outputs = {lam: attn(x, _context(10), v_first=v_first, value_mix=torch.tensor(lam, dtype=f64))[0]
+                   for lam in (0.0, 1.0, mix)}
+    want = (1 - mix) * outputs[0.0] + mix * outputs[1.0]
+    torch.testing.assert_close(outputs[mix], want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    assert not torch.allclose(outputs[0.0], outputs[1.0])

@@ -5,6 +5,7 @@ reference path's own error is measured alongside, and the fast path must stay wi
 Run with -s to see the measured errors (lines starting with "GPU-ERR").
 """
 
+import copy
 import math
 
 import pytest
@@ -146,14 +147,15 @@ def test_whole_model_fast_kernels_match_reference_kernels(options):
     report("model/grad/all", rel(flat["fast"], flat["oracle"]), rel(flat["ref16"], flat["oracle"]), 5e-2)
     for name in ("embed.weight", "layers.0.attn.q_a.weight", "layers.3.attn.q_proj.weight", "layers.2.attn.sinks",
                  "layers.5.mlp.shared.up.weight", "layers.5.mlp.router.weight", "head.weight"):
-        report(f"model/grad/{name}", rel(grads_fast[name], grads64[name]), rel(grads16[name], grads64[name]), 8e-2)
+        report(f"model/grad/{name}", rel(grads_fast[name], grads64[name]), rel(grads16[name], grads64[name]), 3e-2)
     # Scalars summed over every position with heavy cancellation (|sum| ~ 3% of the sum of |terms|): bf16 noise of
-    # either path shows up amplified, so they are reported, and only checked for being finite and of the right sign.
+    # either path shows up amplified: of the right sign, and within 3x the bf16 reference's error (floor 0.1).
     for name in ("layers.1.attn.grape_log_freq", "layers.7.value_residual_logit"):
         fast, ref16, oracle = grads_fast[name].double(), grads16[name].double(), grads64[name].double()
         print(f"GPU-ERR model/grad/{name} (ill-conditioned): fast {rel(fast, oracle):.2e}  "
               f"reference-bf16 {rel(ref16, oracle):.2e}")
         assert torch.isfinite(fast).all() and float((fast * oracle).sum()) > 0, name
+        assert rel(fast, oracle) <= max(3 * rel(ref16, oracle), 0.1), name
 
 
 def test_generation_with_fast_kernels_matches_full_forward():
@@ -166,14 +168,28 @@ def test_generation_with_fast_kernels_matches_full_forward():
     model.set_kernels(Kernels.fast())
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (20, 9)]
     result = generate(model, prompts, max_new_tokens=24)
+    # The oracle: a float64 full forward (reference kernels) of the same bf16 weights. The decode must be about as
+    # close to it as a bf16 full forward with the reference kernels is, not merely within a flat 0.1 nats. (bf16
+    # noise reaches ~0.03 nats on some rows, as much as an off-by-one window moves them: the window's placement is
+    # checked exactly in float64 on the CPU, tests/test_model_sample.py.)
+    oracle_model = copy.deepcopy(model).cast_(torch.float64)
+    oracle_model.set_kernels(Kernels())
+    reference_model = copy.deepcopy(model)
+    reference_model.set_kernels(Kernels())
     for row, prompt in enumerate(prompts):
         seq = torch.tensor([prompt + result.tokens[row].tolist()], device="cuda")
-        logprobs = torch.log_softmax(model(seq).logits.float()[0], -1)
         positions = torch.arange(len(prompt) - 1, seq.shape[1] - 1, device="cuda")
-        want = logprobs[positions, seq[0, positions + 1]]
-        err = float((result.logprobs[row] - want).abs().max())
-        print(f"GPU-ERR generate/row{row}: max |logprob(decode) - logprob(full)| {err:.2e}")
-        assert err < 0.1
+
+        def logprobs_of(m):
+            return torch.log_softmax(m(seq).logits.double()[0], -1)[positions, seq[0, positions + 1]]
+
+        with torch.no_grad():
+            oracle, reference = logprobs_of(oracle_model), logprobs_of(reference_model)
+        err = float((result.logprobs[row].double() - oracle).abs().max())
+        ref = float((reference - oracle).abs().max())
+        print(f"GPU-ERR generate/row{row}: max |logprob - float64 oracle|: decode {err:.2e}, reference bf16 full "
+              f"forward {ref:.2e}")
+        assert err <= max(3 * ref, 1e-2)
 
 
 def test_cuda_graph_blocks_train_like_compiled_blocks():

@@ -310,11 +310,26 @@ def test_compiled_rollouts_match_a_full_forward_reproduce_and_do_not_sync_per_to
     generator = torch.Generator("cuda").manual_seed(0)
     state = generator.get_state()
     out = sampler.sample(prompts, generator=generator, stop_ids=())
+    # Against a float64 full forward (reference kernels) of the same bf16 weights, the sampler is about as close as
+    # a bf16 full forward with the reference kernels, not merely within a flat 0.1 nats (the window's placement is
+    # checked exactly in float64 above)
+    oracle_model = copy.deepcopy(model).cast_(torch.float64)
+    oracle_model.set_kernels(Kernels())
+    reference_model = copy.deepcopy(model)
+    reference_model.set_kernels(Kernels())
     for row, prompt in enumerate(prompts):
-        want = torch.log_softmax(full_logits(model, prompt, out.tokens[row].tolist()).float(), -1)
-        err = float((out.logprobs[row] - want.gather(1, out.tokens[row][:, None])[:, 0]).abs().max())
-        print(f"GPU-ERR sampler/compile/row{row}: max |logprob(sampler) - logprob(full forward)| {err:.2e}")
-        assert err < 0.1
+        tokens = out.tokens[row].tolist()
+
+        def logprobs_of(m):
+            logits = full_logits(m, prompt, tokens).double()
+            return torch.log_softmax(logits, -1).gather(1, out.tokens[row][:, None])[:, 0]
+
+        oracle, reference = logprobs_of(oracle_model), logprobs_of(reference_model)
+        err = float((out.logprobs[row].double() - oracle).abs().max())
+        ref = float((reference - oracle).abs().max())
+        print(f"GPU-ERR sampler/compile/row{row}: max |logprob - float64 oracle|: sampler {err:.2e}, reference bf16 "
+              f"full forward {ref:.2e}")
+        assert err <= max(3 * ref, 1e-2)
     again = sampler.sample(prompts, generator=torch.Generator("cuda").manual_seed(0).set_state(state), stop_ids=())
     assert torch.equal(out.tokens, again.tokens)
 

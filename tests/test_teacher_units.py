@@ -27,9 +27,14 @@ def test_score_positions_matches_float64_reference(chunk, v):
     s = score_positions(hidden, targets, weight, bias, k, chunk)
 
     logp = torch.log_softmax(hidden.double() @ weight.double().T + bias.double(), dim=-1)
-    ref_values, ref_ids = logp.topk(k, dim=-1)
+    ref_values, ref_ids = logp.topk(k + 1, dim=-1)
     assert s.topk_ids.dtype == torch.int32 and s.topk_ids.shape == (n, k)
-    assert torch.equal(s.topk_ids.long(), ref_ids)
+    # fp32 chunks against float64: the ids exactly where no two of the top K + 1 lie within fp32 noise, and
+    # everywhere a set of K ids whose reference values reach the K-th
+    clear = (ref_values[:, :-1] - ref_values[:, 1:]).min(dim=1).values > 1e-4
+    assert torch.equal(s.topk_ids.long()[clear], ref_ids[clear, :k]) and clear.float().mean() > 0.9
+    assert (logp.gather(1, s.topk_ids.long()) >= ref_values[:, k - 1 : k] - 1e-4).all()
+    ref_values = ref_values[:, :k]
     torch.testing.assert_close(s.topk_logprobs.double(), ref_values, rtol=0, atol=1e-4)
     torch.testing.assert_close(s.target_logprob.double(), logp.gather(1, targets[:, None])[:, 0], rtol=0, atol=1e-4)
     # entropy = logsumexp - sum(p * logit) in fp32: a statistic, good to ~1e-4 relative

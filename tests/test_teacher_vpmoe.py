@@ -31,6 +31,14 @@ def test_a_vpmoe_checkpoint_can_be_the_teacher(tmp_path, synth_dataset):
         logits = model(torch.from_numpy(tokens[:end].astype(np.int64))[None]).logits[0].double()
     logprobs = torch.log_softmax(logits, -1)
     first = entry.positions < end - 1
-    top = logprobs[torch.from_numpy(entry.positions[first])].topk(4, dim=-1)
-    np.testing.assert_array_equal(entry.topk_ids[first], top.indices.numpy())
-    np.testing.assert_allclose(entry.topk_logprobs[first].astype(np.float64), top.values.numpy(), atol=2e-3)
+    reference = logprobs[torch.from_numpy(entry.positions[first])]
+    top = reference.topk(5, dim=-1)
+    ids = torch.from_numpy(entry.topk_ids[first].astype(np.int64))
+    # the stored log-probs are the reference's at the stored ids (float16 rounding), and those ids are a top 4
+    at_ids = reference.gather(1, ids)
+    np.testing.assert_allclose(entry.topk_logprobs[first].astype(np.float64), at_ids.numpy(), rtol=2**-10, atol=1e-5)
+    assert (at_ids >= top.values[:, 3:4] - 1e-4).all()
+    # the ids exactly where no two of the top 5 lie within fp32 noise of each other (the scorer's batched forward
+    # rounds differently from this one)
+    clear = (top.values[:, :-1] - top.values[:, 1:]).min(dim=1).values > 1e-4
+    assert torch.equal(ids[clear], top.indices[clear, :4]) and clear.float().mean() > 0.9

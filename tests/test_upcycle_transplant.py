@@ -3,18 +3,17 @@ a tiny Qwen3 with its own small BPE, and a tiny GPT-OSS donor whose BPE has the 
 
 import json
 
+import mergekit  # noqa: F401  (a test extra: a broken install fails here instead of skipping the transplant)
 import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("mergekit")
-
-from vpmoe.errors import UserError  # noqa: E402
-from vpmoe.testing import upcycle as testing  # noqa: E402
-from vpmoe.upcycle import hf, transplant  # noqa: E402
-from vpmoe.upcycle.config import load_upcycle_config  # noqa: E402
-from vpmoe.upcycle.objects import read_provenance  # noqa: E402
-from vpmoe.upcycle.run import upcycle  # noqa: E402
+from vpmoe.errors import UserError
+from vpmoe.testing import upcycle as testing
+from vpmoe.upcycle import hf, transplant
+from vpmoe.upcycle.config import load_upcycle_config
+from vpmoe.upcycle.objects import read_provenance
+from vpmoe.upcycle.run import upcycle
 
 
 @pytest.fixture(scope="module")
