@@ -37,7 +37,7 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
         suite = report["suite"]
         assert suite["items"] == 4 == len(suite["results"])
         assert suite["accuracy"] == sum(r["correct"] for r in suite["results"]) / 4
-    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD", "student OPD",
-                                       "eval"}
+    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD",
+                                       "student OPD", "eval"}
     assert summary["artifacts"]["teacher"].endswith("teacher")
     assert (work / "demo" / "dataset" / "train" / "teacher" / "topk_ids.idx").is_file()
