@@ -29,11 +29,12 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
     assert f"package at {site}" in done.stdout
     summary = json.loads((work / "demo" / "summary.json").read_text())
     reports = summary["reports"]
-    assert set(reports) == {"CE only", "offline KD"}
+    assert set(reports) == {"CE only", "offline KD", "online KD"}
     for report in reports.values():
         assert report["heldout"]["spans"]["final"]["tokens"] > 0
         assert report["teacher_kl"]["all"]["tokens"] > 0
         assert 0.0 <= report["suite"]["accuracy"] <= 1.0
-    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD", "eval"}
+    assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD",
+                                      "student online KD", "eval"}
     assert summary["artifacts"]["teacher"].endswith("teacher")
     assert (work / "demo" / "dataset" / "train" / "teacher" / "topk_ids.idx").is_file()
