@@ -12,7 +12,8 @@ batches (vpmoe.perf.synthetic: every label supervised). Teacher: a randomly init
 Rows (each the real `Trainer.step` or the teacher's `forward`, after warmup):
   ce            the student's CE step (forward, backward, optimizer)
   kd_online     the same student with the stage's mix (teacher forward per micro-batch, chunked KL, hidden term)
-  teacher       the teacher's bare forward over the same micro-batches (no_grad, states at supervised positions)
+  teacher       the teacher's bare forward over the same micro-batches (no_grad: body, states at the supervised
+                positions, and the head's logits there, chunk by chunk)
 Goal: kd_online step time <= (ce step + teacher forward) x 1.10.
 Loss side: the peak memory above the inputs of the kd_online loss alone (chunked CE + forward KL from hidden states,
 the hidden-state cosine through the projections, forward + backward) at 8,192 tokens; goal <= 2 GiB.
@@ -81,7 +82,9 @@ def teacher_forward(teacher: OnlineTeacher, trainer: Trainer, args, device) -> d
 
     def once():
         rows = next(data).to(device)
-        teacher.forward(rows.input_ids, rows.position_ids, rows.doc_ids, rows.label_spans > 0, layers)
+        states = teacher.forward(rows.input_ids, rows.position_ids, rows.doc_ids, rows.label_spans > 0, layers)
+        for chunk in states.hidden.split(args.kl_chunk_tokens):  # the logits a forward ends with, chunk by chunk
+            torch.nn.functional.linear(chunk, teacher.head_weight)
 
     for _ in range(args.warmup):
         once()
