@@ -155,6 +155,26 @@ def test_the_teacher_counts_only_at_positions_that_predict_a_supervised_token(tm
     assert abs(supervised.item() - base.item()) > 1e-3
 
 
+def test_kd_online_kl_equals_kd_offline_kl_when_the_sidecar_holds_the_teacher_distribution(
+        tmp_path, dataset, hf_teacher):
+    """kd_offline's term (losses.topk_kl: top-K + tail bucket, span-normalized) on a sidecar that holds the teacher's
+    whole distribution (K = V - 1: the tail bucket is the one token left) equals kd_online's chunked KL."""
+    cfg = config(tmp_path, dataset, hf_teacher, distill__ce=0.0, distill__kl=1.0, distill__hidden=0.0,
+                 distill__hidden_final=0.0, distill__kl_chunk_tokens=16)
+    objective, model, batch, counts, out = first_loss(cfg)
+    rows, states = batch.rows, batch.teacher_states
+    mask = rows.label_spans > 0
+    with torch.no_grad():
+        teacher_logprobs = F.log_softmax(states.hidden @ objective.teacher.head_weight.T, -1)
+        top = teacher_logprobs.topk(teacher_logprobs.shape[1] - 1, dim=-1)
+        logits = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=mask).logits
+        offline = losses.topk_kl(logits, top.indices.int(), top.values)
+        offline = losses.span_normalized(offline, rows.label_spans[mask], counts, objective.span_weights)
+    # topk_kl sums 201,087 float32 products per token after a float32 log-sum-exp (kd_online keeps its log-sum-exps
+    # in float64): its rounding is ~sqrt(V) * 6e-8 ~ 3e-5 relative, hence 1e-4
+    assert out.terms["kl"].item() == pytest.approx(offline.item(), rel=1e-4)
+
+
 def final_state(run_dir, tmp_path):
     out = tmp_path / f"state_{Path(run_dir).name}.pt"
     dcp_to_torch_save(str(checkpoints.latest(run_dir)), str(out))
