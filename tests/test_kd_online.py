@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from vpmoe import config as config_io
@@ -20,6 +21,7 @@ from vpmoe.artifacts.models import save_model
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.distributed import Ranks
+from vpmoe.export import export
 from vpmoe.model import build_model
 from vpmoe.model.config import load_model_config
 from vpmoe.testing.teachers import save_tiny_teacher
@@ -212,6 +214,9 @@ def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path
         assert torch.equal(a[name], b[name]), name
     curve = lambda run: [(m["step"], m["loss"], m["projection_norms"]) for m in metrics(tmp_path / run)]  # noqa: E731
     assert curve("straight") == curve("killed")
+    exported = export(tmp_path / "straight", tmp_path / "exported")  # the student alone: no projections
+    names = {name for f in exported.glob("*.safetensors") for name in safe_open(str(f), "pt").keys()}
+    assert names == {k.removeprefix("model.") for k in a if k.startswith("model.")}
 
 
 def test_two_ranks_with_a_sharded_teacher_follow_the_single_process_curve(tmp_path, dataset, hf_teacher):
@@ -268,3 +273,15 @@ def test_refusals_exit_2_with_one_line(tmp_path, dataset, hf_teacher):
         done = cli_train(tmp_path, text)
         assert done.returncode == 2, (message, done.stderr[-2000:])
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kd_online_trains_on_a_gpu_with_the_fast_kernels_in_bf16(tmp_path, dataset, hf_teacher):
+    run = train(config(tmp_path, dataset, hf_teacher, train__device="cuda", train__precision="bf16",
+                       train__kernels="fast", teacher__dtype="bfloat16", train__steps=20, checkpoint__every=20,
+                       train__log_every=5))
+    log = metrics(run)
+    assert all(torch.isfinite(torch.tensor(list(m["terms"].values()))).all() for m in log)
+    assert log[-1]["terms"]["kl"] < 0.8 * log[0]["terms"]["kl"]
+    assert log[-1]["teacher"]["forward_ms"] > 0 and log[-1]["kl_chunks"] >= 1
