@@ -177,6 +177,17 @@ def test_kd_online_kl_equals_kd_offline_kl_when_the_sidecar_holds_the_teacher_di
     assert out.terms["kl"].item() == pytest.approx(offline.item(), rel=1e-4)
 
 
+def test_activation_checkpointing_changes_nothing(tmp_path, dataset, hf_teacher):
+    """Block outputs are captured in the forward only: recomputed blocks in backward store nothing, and the hidden
+    term's gradient flows through the checkpointed blocks (the same kernels: bitwise equal)."""
+    steps = {}
+    for recompute in (False, True):
+        trainer = Trainer.from_config(config(tmp_path, dataset, hf_teacher, f"ac_{recompute}",
+                                             train__activation_checkpointing=recompute), Ranks())
+        steps[recompute] = [trainer.step() for _ in range(2)]
+    assert steps[False] == steps[True] and steps[True][-1].terms["hidden"] > 0
+
+
 def final_state(run_dir, tmp_path):
     out = tmp_path / f"state_{Path(run_dir).name}.pt"
     dcp_to_torch_save(str(checkpoints.latest(run_dir)), str(out))
