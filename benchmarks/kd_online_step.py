@@ -1,14 +1,19 @@
 """The kd_online training step next to the ce step and the teacher's bare forward, in one run (issue 16).
 
-    python benchmarks/kd_online_step.py --out kd_online_step.json           # H200: 80-layer vpMoE, GPT-OSS-20B shape
-    python benchmarks/kd_online_step.py --teacher-layers 12 --out r.json    # a shallower teacher if memory is short
-    python benchmarks/kd_online_step.py --tiny                              # CPU smoke run (tiny student / teacher)
+    python benchmarks/kd_online_step.py --out kd_online_step.json         # H200: 80-layer vpMoE, micro-batch 2,
+                                                                          # GPT-OSS-20B shape at 12 of its 24 blocks
+    python benchmarks/kd_online_step.py --teacher-layers 24 --micro-batch 4 --activation-checkpointing
+    python benchmarks/kd_online_step.py --tiny                            # CPU smoke run (tiny student / teacher)
+
+Memory (H200, 141 GiB): the student's step with compile "on" peaks near 132 GiB at micro-batch 4 (90 GiB with
+activation checkpointing; benchmarks/results/vpMoE_train_step_h200.json), the full 20B-shaped teacher takes 39 GiB
+(12 blocks: 20 GiB), hence the defaults.
 
 Student: the vpMoE of configs/train/bench_vpmoe.toml (fast kernels, bf16 autocast) with train.compile = "on"
 (kd_online reads block outputs with hooks, which CUDA-graph replays would overwrite), seq 2048, on synthetic packed
 batches (vpmoe.perf.synthetic: every label supervised). Teacher: a randomly initialized GPT-OSS of the 20B shape
-(24 blocks, d 2880, 32 experts top-4, 64 heads, sliding window 128) in bf16 on the same GPU, built in memory (a
-40 GB checkpoint is not written and read back; the loader's checks are the tests' business).
+(d 2880, 32 experts top-4, 64 heads, sliding window 128; `--teacher-layers` of its 24 blocks) in bf16 on the same
+GPU, built in memory (a 40 GB checkpoint is not written and read back; the loader's checks are the tests' business).
 Rows (each the real `Trainer.step` or the teacher's `forward`, after warmup):
   ce            the student's CE step (forward, backward, optimizer)
   kd_online     the same student with the stage's mix (teacher forward per micro-batch, chunked KL, hidden term)
@@ -52,7 +57,9 @@ def build_teacher(args, device: torch.device) -> OnlineTeacher:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = random_gpt_oss(gpt_oss_config(**shape), seed=1, head_std=0.02, dtype=dtype, device=device)
     if not args.tiny:
-        model.config._attn_implementation = args.attn_implementation
+        model.set_attn_implementation(args.attn_implementation)
+        if args.experts_implementation:
+            model.set_experts_implementation(args.experts_implementation)
     return OnlineTeacher(load.wrap_model(model.requires_grad_(False), str(device), "random GPT-OSS"), vpmoe=False,
                          name="random GPT-OSS")
 
@@ -62,8 +69,10 @@ def trainer_for(stage: str, args, teacher: OnlineTeacher, device: torch.device) 
         cfg = load_train_config("tiny_kd_online", ["teacher.path=in-memory", "data.seq_len=128",
                                                    f"data.micro_batch_size={args.micro_batch}"])
     else:
+        recompute = "true" if args.activation_checkpointing else "false"
         cfg = load_train_config("bench_vpmoe", [f"data.micro_batch_size={args.micro_batch}", "data.grad_accum=1",
-                                                "train.compile=on", f"data.seq_len={args.seq_len}"])
+                                                "train.compile=on", f"data.seq_len={args.seq_len}",
+                                                f"train.activation_checkpointing={recompute}"])
         if stage == "kd_online":
             cfg = config_io.replace(cfg, {"train.stage": "kd_online", "loss.ce": 1.0, "teacher.path": "in-memory",
                                           "teacher.dtype": "bfloat16",
@@ -152,12 +161,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny student and teacher")
     parser.add_argument("--layers", type=int, help="student depth (default: the model config's, 80)")
-    parser.add_argument("--teacher-layers", type=int, default=24)
+    parser.add_argument("--teacher-layers", type=int, default=12, help="24 is the full 20B shape (39 GiB)")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--kl-chunk-tokens", type=int, default=1024)
     parser.add_argument("--loss-tokens", type=int, default=8192)
     parser.add_argument("--attn-implementation", default="eager", help="the teacher's (transformers)")
+    parser.add_argument("--experts-implementation", help="the teacher's (transformers; e.g. grouped_mm)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="the student's, in both steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", help="write the results as JSON here")
