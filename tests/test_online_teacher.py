@@ -65,6 +65,8 @@ def test_a_packed_hf_teacher_forward_equals_each_document_alone(hf_teacher):
     last = teacher.forward(ids, pos, doc, select, layers=[teacher.n_layers - 1]).layers[0]
     torch.testing.assert_close(teacher.model.model.norm(last), states.hidden, rtol=1e-6, atol=1e-6)
     assert teacher.head_weight.shape == (201088, teacher.hidden_size) and teacher.head_bias is None
+    nothing = teacher.forward(ids, pos, doc, torch.zeros_like(select), layers=[0])  # still one forward (FSDP)
+    assert nothing.hidden.shape == (0, teacher.hidden_size) and nothing.layers[0].shape == (0, teacher.hidden_size)
 
 
 def test_a_vpmoe_teacher_gives_its_body_states(tmp_path):
