@@ -200,7 +200,7 @@ def metrics(run_dir):
 
 
 def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path, dataset, hf_teacher):
-    steps = 6
+    steps = 4
     sets = dict(train__steps=steps, checkpoint__every=2, distill__standardize=True)
     train(config(tmp_path, dataset, hf_teacher, "straight", **sets))
     cfg_file = tmp_path / "killed.toml"
