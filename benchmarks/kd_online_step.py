@@ -11,9 +11,11 @@ activation checkpointing; benchmarks/results/vpMoE_train_step_h200.json), the fu
 
 Student: the vpMoE of configs/train/bench_vpmoe.toml (fast kernels, bf16 autocast) with train.compile = "on"
 (kd_online reads block outputs with hooks, which CUDA-graph replays would overwrite), seq 2048, on synthetic packed
-batches (vpmoe.perf.synthetic: every label supervised). Teacher: a randomly initialized GPT-OSS of the 20B shape
-(d 2880, 32 experts top-4, 64 heads, sliding window 128; `--teacher-layers` of its 24 blocks) in bf16 on the same
-GPU, built in memory (a 40 GB checkpoint is not written and read back; the loader's checks are the tests' business).
+batches (vpmoe.perf.synthetic: 3 documents per row, every label supervised; the Hugging Face teacher gets each
+document alone, padded to the longest: `fed_per_row_token` says how much it computes per row token).
+Teacher: a randomly initialized GPT-OSS of the 20B shape (d 2880, 32 experts top-4, 64 heads, sliding window 128;
+`--teacher-layers` of its 24 blocks) in bf16 on the same GPU, built in memory (a 40 GB checkpoint is not written
+and read back; the loader's checks are the tests' business).
 Rows (each the real `Trainer.step` or the teacher's `forward`, after warmup):
   ce            the student's CE step (forward, backward, optimizer)
   kd_online     the same student with the stage's mix (teacher forward per micro-batch, chunked KL, hidden term)
@@ -40,7 +42,7 @@ from vpmoe.model.config import load_model_config
 from vpmoe.perf.measure import measure, synchronize
 from vpmoe.perf.synthetic import SyntheticBatches
 from vpmoe.teacher import load
-from vpmoe.teacher.online import OnlineTeacher
+from vpmoe.teacher.online import OnlineTeacher, documents
 from vpmoe.testing.teachers import gpt_oss_config, random_gpt_oss
 from vpmoe.train import head_losses
 from vpmoe.train.config import load_train_config
@@ -107,8 +109,12 @@ def teacher_forward(teacher: OnlineTeacher, trainer: Trainer, args, device) -> d
         once()
     synchronize(device)
     seconds = (time.perf_counter() - begin) / args.steps
+    rows = next(data)
+    fed, _ = documents(rows.input_ids, rows.doc_ids, rows.label_spans > 0)
     out = {"step_ms": 1000 * seconds, "tokens_per_s": args.micro_batch * trainer.seq_len / seconds,
-           "weights_gib": teacher.weight_bytes / 2**30}
+           "weights_gib": teacher.weight_bytes / 2**30,
+           # each packed document is fed alone, right-padded to the longest: fed tokens per row token
+           "fed_per_row_token": fed.numel() / rows.input_ids.numel()}
     if device.type == "cuda":
         out["forward_peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     return out
