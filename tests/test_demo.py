@@ -29,7 +29,7 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
     assert f"package at {site}" in done.stdout
     summary = json.loads((work / "demo" / "summary.json").read_text())
     reports = summary["reports"]
-    assert set(reports) == {"CE only", "offline KD", "OPD from KD"}
+    assert set(reports) == {"CE only", "offline KD", "online KD", "OPD from KD"}
     assert all(report["opd_kl"]["all"]["tokens"] > 0 for report in reports.values())
     for report in reports.values():
         assert report["heldout"]["spans"]["final"]["tokens"] > 0
@@ -38,6 +38,6 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
         assert suite["items"] == 4 == len(suite["results"])
         assert suite["accuracy"] == sum(r["correct"] for r in suite["results"]) / 4
     assert set(summary["seconds"]) >= {"corpus", "dataset", "teacher", "scoring", "student CE", "student KD",
-                                       "student OPD", "eval"}
+                                       "student online KD", "student OPD", "eval"}
     assert summary["artifacts"]["teacher"].endswith("teacher")
     assert (work / "demo" / "dataset" / "train" / "teacher" / "topk_ids.idx").is_file()

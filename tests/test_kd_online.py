@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from vpmoe import config as config_io
@@ -20,6 +21,7 @@ from vpmoe.artifacts.models import save_model
 from vpmoe.data import synthetic
 from vpmoe.data.build import DataSection, build
 from vpmoe.distributed import Ranks
+from vpmoe.export import export
 from vpmoe.model import build_model
 from vpmoe.model.config import load_model_config
 from vpmoe.testing.teachers import save_tiny_teacher
@@ -155,11 +157,42 @@ def test_the_teacher_counts_only_at_positions_that_predict_a_supervised_token(tm
     assert abs(supervised.item() - base.item()) > 1e-3
 
 
+def test_kd_online_kl_equals_kd_offline_kl_when_the_sidecar_holds_the_teacher_distribution(
+        tmp_path, dataset, hf_teacher):
+    """kd_offline's term (losses.topk_kl: top-K + tail bucket, span-normalized) on a sidecar that holds the teacher's
+    whole distribution (K = V - 1: the tail bucket is the one token left) equals kd_online's chunked KL."""
+    cfg = config(tmp_path, dataset, hf_teacher, distill__ce=0.0, distill__kl=1.0, distill__hidden=0.0,
+                 distill__hidden_final=0.0, distill__kl_chunk_tokens=16)
+    objective, model, batch, counts, out = first_loss(cfg)
+    rows, states = batch.rows, batch.teacher_states
+    mask = rows.label_spans > 0
+    with torch.no_grad():
+        teacher_logprobs = F.log_softmax(states.hidden @ objective.teacher.head_weight.T, -1)
+        top = teacher_logprobs.topk(teacher_logprobs.shape[1] - 1, dim=-1)
+        logits = model(rows.input_ids, rows.position_ids, rows.doc_ids, logits_at=mask).logits
+        offline = losses.topk_kl(logits, top.indices.int(), top.values)
+        offline = losses.span_normalized(offline, rows.label_spans[mask], counts, objective.span_weights)
+    # topk_kl sums 201,087 float32 products per token after a float32 log-sum-exp (kd_online keeps its log-sum-exps
+    # in float64): its rounding is ~sqrt(V) * 6e-8 ~ 3e-5 relative, hence 1e-4
+    assert out.terms["kl"].item() == pytest.approx(offline.item(), rel=1e-4)
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path, dataset, hf_teacher):
+    """Block outputs are captured in the forward only: recomputed blocks in backward store nothing, and the hidden
+    term's gradient flows through the checkpointed blocks (the same kernels: bitwise equal)."""
+    steps = {}
+    for recompute in (False, True):
+        trainer = Trainer.from_config(config(tmp_path, dataset, hf_teacher, f"ac_{recompute}",
+                                             train__activation_checkpointing=recompute), Ranks())
+        steps[recompute] = [trainer.step() for _ in range(2)]
+    assert steps[False] == steps[True] and steps[True][-1].terms["hidden"] > 0
+
+
 def final_state(run_dir, tmp_path):
     out = tmp_path / f"state_{Path(run_dir).name}.pt"
     dcp_to_torch_save(str(checkpoints.latest(run_dir)), str(out))
     state = torch.load(out, weights_only=False)
-    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"extra.{k}": v for k, v in state["extra"].items()}}
+    return {f"{part}.{k}": v for part in ("model", "extra") for k, v in state[part].items()}
 
 
 def metrics(run_dir):
@@ -167,7 +200,7 @@ def metrics(run_dir):
 
 
 def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path, dataset, hf_teacher):
-    steps = 6
+    steps = 4
     sets = dict(train__steps=steps, checkpoint__every=2, distill__standardize=True)
     train(config(tmp_path, dataset, hf_teacher, "straight", **sets))
     cfg_file = tmp_path / "killed.toml"
@@ -176,7 +209,7 @@ def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     deadline = time.time() + 300
-    while checkpoints.latest(tmp_path / "killed") is None or checkpoints.latest(tmp_path / "killed").name < "step_0000002":
+    while (checkpoints.latest(tmp_path / "killed") or Path("step_0")).name < "step_0000002":
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -192,6 +225,9 @@ def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path
         assert torch.equal(a[name], b[name]), name
     curve = lambda run: [(m["step"], m["loss"], m["projection_norms"]) for m in metrics(tmp_path / run)]  # noqa: E731
     assert curve("straight") == curve("killed")
+    exported = export(tmp_path / "straight", tmp_path / "exported")  # the student alone: no projections
+    names = {name for f in exported.glob("*.safetensors") for name in safe_open(str(f), "pt").keys()}
+    assert names == {k.removeprefix("model.") for k in a if k.startswith("model.")}
 
 
 def test_two_ranks_with_a_sharded_teacher_follow_the_single_process_curve(tmp_path, dataset, hf_teacher):
@@ -248,3 +284,15 @@ def test_refusals_exit_2_with_one_line(tmp_path, dataset, hf_teacher):
         done = cli_train(tmp_path, text)
         assert done.returncode == 2, (message, done.stderr[-2000:])
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kd_online_trains_on_a_gpu_with_the_fast_kernels_in_bf16(tmp_path, dataset, hf_teacher):
+    run = train(config(tmp_path, dataset, hf_teacher, train__device="cuda", train__precision="bf16",
+                       train__kernels="fast", teacher__dtype="bfloat16", train__steps=20, checkpoint__every=20,
+                       train__log_every=5))
+    log = metrics(run)
+    assert all(torch.isfinite(torch.tensor(list(m["terms"].values()))).all() for m in log)
+    assert log[-1]["terms"]["kl"] < 0.8 * log[0]["terms"]["kl"]
+    assert log[-1]["teacher"]["forward_ms"] > 0 and log[-1]["kl_chunks"] >= 1

@@ -2,6 +2,9 @@
 outputs are the blocks' outputs, both teacher kinds load, and the train config's [teacher] section is strict."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,8 @@ def test_a_packed_hf_teacher_forward_equals_each_document_alone(hf_teacher):
     last = teacher.forward(ids, pos, doc, select, layers=[teacher.n_layers - 1]).layers[0]
     torch.testing.assert_close(teacher.model.model.norm(last), states.hidden, rtol=1e-6, atol=1e-6)
     assert teacher.head_weight.shape == (201088, teacher.hidden_size) and teacher.head_bias is None
+    nothing = teacher.forward(ids, pos, doc, torch.zeros_like(select), layers=[0])  # still one forward (FSDP)
+    assert nothing.hidden.shape == (0, teacher.hidden_size) and nothing.layers[0].shape == (0, teacher.hidden_size)
 
 
 def test_a_vpmoe_teacher_gives_its_body_states(tmp_path):
@@ -110,3 +115,42 @@ def test_the_teacher_section_is_strict(tmp_path):
     cfg = train_config(tmp_path, 'train.stage="opd"', 'teacher.path="t"', 'teacher.placement="fsdp"')
     assert cfg.teacher == OnlineTeacherSection(path="t", placement="fsdp")
     assert train_config(tmp_path).teacher is None
+
+
+SHARDED_EQUALS_WHOLE = """
+import sys
+import torch
+from vpmoe import distributed
+from vpmoe.distributed import Ranks
+from vpmoe.teacher.online import OnlineTeacherSection, load_online_teacher
+
+ranks = distributed.init("cpu")
+sharded = load_online_teacher(OnlineTeacherSection(path=sys.argv[1], dtype="float32", placement="fsdp"), ranks)
+whole = load_online_teacher(OnlineTeacherSection(path=sys.argv[1], dtype="float32"), Ranks())
+assert sharded.placement.startswith("FSDP2") and sharded.weight_bytes < whole.weight_bytes
+ids = torch.randint(0, 199998, (2, 12), generator=torch.Generator().manual_seed(ranks.rank))
+doc = torch.tensor([[0] * 7 + [1] * 5, [0] * 12])
+pos = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, -1) * (doc == 1) + torch.arange(12) * (doc == 0)
+select = torch.ones_like(ids, dtype=torch.bool)
+a = sharded.forward(ids, pos, doc, select, [0, sharded.n_layers - 1])
+b = whole.forward(ids, pos, doc, select, [0, whole.n_layers - 1])
+assert torch.equal(a.hidden, b.hidden) and all(torch.equal(x, y) for x, y in zip(a.layers, b.layers))
+assert torch.equal(sharded.head_weight, whole.head_weight)
+print("rank", ranks.rank, "equal")
+distributed.finish(ranks)
+"""
+
+
+def test_a_teacher_sharded_over_two_ranks_equals_the_whole_teacher(tmp_path, hf_teacher):
+    """torchrun, 2 CPU processes (gloo): rank 0 reads, FSDP2 shards, the other rank receives; states are bitwise
+    the whole teacher's on each rank's own rows (the same CPU kernels), for a Hugging Face and a vpmoe teacher."""
+    torch.manual_seed(0)
+    vpmoe_teacher = save_model(build_model(model_config("tiny_dense")), tmp_path / "vpmoe_teacher")
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_EQUALS_WHOLE)
+    for teacher in (hf_teacher, vpmoe_teacher):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(script), str(teacher)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "rank 0 equal" in done.stdout and "rank 1 equal" in done.stdout

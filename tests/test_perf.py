@@ -104,6 +104,8 @@ def test_measure_runs_the_real_training_step(monkeypatch):
 def test_a_kd_config_is_measured_as_its_ce_stage():
     trainer = synthetic_trainer(load_train_config("configs/train/tiny_kd.toml", SMALL), SMALL_MODEL)
     assert trainer.objective.name == "ce" and trainer.cfg.train.stage == "ce" and trainer.cfg.loss.kd == 0
+    online = synthetic_trainer(load_train_config("tiny_kd_online", SMALL), SMALL_MODEL)
+    assert online.objective.name == "ce" and online.cfg.teacher is None and online.cfg.distill is None
 
 
 def test_profile_writes_a_summary_json(tmp_path, capsys):

@@ -22,11 +22,13 @@ from vpmoe.train.trainer import Trainer
 
 
 def as_ce_stage(cfg: TrainConfig) -> TrainConfig:
-    """Synthetic batches carry no teacher: a KD config is measured as its CE stage (the KD loss itself only adds
-    [tokens, K] tensors next to the [tokens, vocab] logits both stages compute)."""
+    """Synthetic batches carry no teacher: a KD config is measured as its CE stage (the offline KD loss only adds
+    [tokens, K] tensors next to the [tokens, vocab] logits both stages compute; benchmarks/kd_online_step.py
+    measures the online teacher)."""
     if cfg.train.stage == "ce":
         return cfg
-    return config_io.replace(cfg, {"train.stage": "ce", "loss.ce": 1.0, "loss.kd": 0.0, "loss.confidence_ce": 0.0})
+    return config_io.replace(cfg, {"train.stage": "ce", "loss.ce": 1.0, "loss.kd": 0.0, "loss.confidence_ce": 0.0,
+                                   "teacher": None, "distill": None})
 
 
 def synthetic_trainer(cfg: TrainConfig, model_cfg: ModelConfig | None = None, seed: int = 0) -> Trainer:

@@ -254,6 +254,23 @@ def load_causal_lm(path: Path, dtype: str, attn_implementation: str | None = Non
     return model.eval().requires_grad_(False)
 
 
+def causal_lm_structure(path: Path, dtype: str, attn_implementation: str | None = None,
+                        experts_implementation: str | None = None) -> torch.nn.Module:
+    """The causal LM of a local directory built on the meta device from its config (no weights read), as
+    `load_causal_lm` would load it: for ranks that receive the weights from another."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    kwargs = {"dtype": TORCH_DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval().requires_grad_(False)
+
+
 def wrap_model(model: torch.nn.Module, placement: str, name: str = "teacher") -> Teacher:
     """Split a loaded Hugging Face causal LM into its body and its linear output head."""
     head = model.get_output_embeddings()

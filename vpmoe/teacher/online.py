@@ -21,8 +21,8 @@ object / export; both go through the vocabulary checks of `vpmoe teacher score` 
 - "fsdp": FSDP2 over the same ranks as the student, forward only: each block is one unit, the body's root unit
   holds the embedding and final norm; the output head stays whole on every rank (the chunked losses read it).
   Every rank must call `forward` the same number of times (each forward gathers every block's shards), which
-  holds when each rank runs one teacher forward per micro-batch. Each rank reads the checkpoint into CPU memory
-  before sharding it, so the host needs the teacher's size per rank.
+  holds when each rank runs one teacher forward per micro-batch. Rank 0 alone reads the checkpoint (into host
+  memory: the host needs the teacher's size once) and broadcasts it into the other ranks' shards.
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from vpmoe import tokenizer as tk
-from vpmoe.artifacts.models import is_vpmoe_config, load_model
+from vpmoe.artifacts.models import is_vpmoe_config, load_model, model_config
 from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
+from vpmoe.model import build_model
 from vpmoe.model.capture import capture_outputs, decoder_layers
 from vpmoe.teacher import load
 
@@ -141,30 +144,56 @@ def load_online_teacher(section: OnlineTeacherSection, ranks: Ranks) -> OnlineTe
         raise UserError(f"teacher.path {path} {'is not a directory' if path.exists() else 'does not exist'}")
     load.check_vocabulary(path)
     vpmoe = is_vpmoe_config(load.read_config(path))
-    sharded = section.placement == "fsdp" and ranks.distributed
-    device = torch.device("cpu") if sharded else ranks.device
+    if section.placement == "fsdp" and ranks.distributed:
+        return OnlineTeacher(load_sharded(path, section, vpmoe, ranks), vpmoe, path.name)
+    return OnlineTeacher(load_whole(path, section, vpmoe, ranks.device), vpmoe, path.name)
+
+
+def load_whole(path: Path, section: OnlineTeacherSection, vpmoe: bool, device: torch.device) -> load.Teacher:
+    """The whole teacher on `device` ("meta": its structure only, no weights read)."""
     dtype = load.TORCH_DTYPES[section.dtype]
     if vpmoe:
-        model = load_model(path, device=device, dtype=dtype).eval().requires_grad_(False)
-        teacher = load.Teacher(model=model, body=load.VpmoeBody(model), head_weight=model.head.weight,
-                               head_bias=None, input_device=device, placement=str(device))
+        if device.type == "meta":
+            model = build_model(model_config(path), device=device, init=False).cast_(dtype)
+        else:
+            model = load_model(path, device=device, dtype=dtype)
+        model.eval().requires_grad_(False)
+        return load.Teacher(model=model, body=load.VpmoeBody(model), head_weight=model.head.weight, head_bias=None,
+                            input_device=device, placement=str(device))
+    if device.type == "meta":
+        model = load.causal_lm_structure(path, section.dtype, section.attn_implementation,
+                                         section.experts_implementation)
     else:
         placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
         model = load.load_causal_lm(path, section.dtype, section.attn_implementation,
                                     section.experts_implementation, **placement)
-        teacher = load.wrap_model(model, str(device), name=path.name)
-    if sharded:
-        shard(teacher, ranks)
-    return OnlineTeacher(teacher, vpmoe, path.name)
+    return load.wrap_model(model, str(device), name=path.name)
 
 
-def shard(teacher: load.Teacher, ranks: Ranks) -> None:
-    """FSDP2, forward only, over the ranks' devices: one unit per block, the body as root without the head."""
+def load_sharded(path: Path, section: OnlineTeacherSection, vpmoe: bool, ranks: Ranks) -> load.Teacher:
+    """Rank 0 reads the teacher into host memory, the other ranks build its structure on the meta device; all
+    shard it (FSDP2 over the ranks: one unit per block, the body as root, the head whole on every rank), allocate
+    their part on their device and receive rank 0's values (parameters and buffers). The host holds one copy of
+    the teacher, not one per rank."""
+    teacher = load_whole(path, section, vpmoe, torch.device("cpu" if ranks.is_main else "meta"))
+    full = dict(teacher.model.state_dict()) if ranks.is_main else {}
     mesh = init_device_mesh(ranks.device.type, (ranks.world_size,), mesh_dim_names=("teacher",))
     for block in decoder_layers(teacher.model):
         fully_shard(block, mesh=mesh)
-    head = {teacher.head_weight} | ({teacher.head_bias} if teacher.head_bias is not None else set())
+    head = {p for p in (teacher.head_weight, teacher.head_bias) if p is not None}
     inside = {id(p) for p in teacher.body.parameters()}
     fully_shard(teacher.body, mesh=mesh, ignored_params={p for p in head if id(p) in inside} or None)
-    teacher.model.to(ranks.device)  # what FSDP does not own: the head, rotary tables and other buffers
+    if ranks.is_main:
+        teacher.model.to(ranks.device)  # what FSDP does not own: the head and the buffers
+    else:
+        teacher.model.to_empty(device=ranks.device)  # new parameter objects for what FSDP does not own
+        head = teacher.model.head if vpmoe else teacher.model.get_output_embeddings()
+        teacher.head_weight, teacher.head_bias = head.weight, getattr(head, "bias", None)
+    set_model_state_dict(teacher.model, full, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=True, strict=True))
+    del full
+    for buffer in teacher.model.buffers():  # non-persistent buffers (rotary tables) are in no state dict
+        dist.broadcast(buffer, src=0)
     teacher.placement = f"FSDP2 over {ranks.world_size} ranks ({ranks.device.type})"
+    teacher.input_device = ranks.device
+    return teacher
