@@ -341,7 +341,7 @@ def test_compiled_rollouts_match_a_full_forward_reproduce_and_do_not_sync_per_to
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message).lower() for w in caught)
 
-    assert syncs(8) == syncs(40)  # host synchronizations do not grow with the number of tokens
+    assert syncs(40) <= syncs(8)  # host synchronizations do not grow with the number of tokens
 
 
 @pytest.mark.gpu
