@@ -341,7 +341,9 @@ def test_compiled_rollouts_match_a_full_forward_reproduce_and_do_not_sync_per_to
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message).lower() for w in caught)
 
-    assert syncs(40) <= syncs(8)  # host synchronizations do not grow with the number of tokens
+    # Host synchronizations do not grow with the number of tokens: one per token would add 32 (the count itself
+    # varies by one between calls on an H200).
+    assert syncs(40) <= syncs(8) + 2
 
 
 @pytest.mark.gpu
