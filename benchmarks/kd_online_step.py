@@ -12,7 +12,8 @@ activation checkpointing; benchmarks/results/vpMoE_train_step_h200.json), the fu
 Student: the vpMoE of configs/train/bench_vpmoe.toml (fast kernels, bf16 autocast) with train.compile = "on"
 (kd_online reads block outputs with hooks, which CUDA-graph replays would overwrite), seq 2048, on synthetic packed
 batches (vpmoe.perf.synthetic: 3 documents per row, every label supervised; the Hugging Face teacher gets each
-document alone, padded to the longest: `fed_per_row_token` says how much it computes per row token).
+document alone, in right-padded buckets of similar length: `fed_per_row_token` says how much it computes per row
+token).
 Teacher: a randomly initialized GPT-OSS of the 20B shape (d 2880, 32 experts top-4, 64 heads, sliding window 128;
 `--teacher-layers` of its 24 blocks) in bf16 on the same GPU, built in memory (a 40 GB checkpoint is not written
 and read back; the loader's checks are the tests' business).
@@ -110,11 +111,11 @@ def teacher_forward(teacher: OnlineTeacher, trainer: Trainer, args, device) -> d
     synchronize(device)
     seconds = (time.perf_counter() - begin) / args.steps
     rows = next(data)
-    fed, _ = documents(rows.input_ids, rows.doc_ids, rows.label_spans > 0)
+    fed = documents(rows.input_ids, rows.doc_ids, rows.label_spans > 0).fed_tokens
     out = {"step_ms": 1000 * seconds, "tokens_per_s": args.micro_batch * trainer.seq_len / seconds,
            "weights_gib": teacher.weight_bytes / 2**30,
-           # each packed document is fed alone, right-padded to the longest: fed tokens per row token
-           "fed_per_row_token": fed.numel() / rows.input_ids.numel()}
+           # each packed document is fed alone, in right-padded buckets: fed tokens per row token
+           "fed_per_row_token": fed / rows.input_ids.numel()}
     if device.type == "cuda":
         out["forward_peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     return out

@@ -14,7 +14,7 @@ from vpmoe.artifacts.models import save_model
 from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
 from vpmoe.model import build_model
-from vpmoe.teacher.online import OnlineTeacherSection, load_online_teacher
+from vpmoe.teacher.online import PAD_BUDGET, OnlineTeacherSection, buckets, documents, load_online_teacher
 from vpmoe.testing.models import model_config
 from vpmoe.testing.teachers import save_tiny_teacher
 from vpmoe.train.config import load_train_config
@@ -65,7 +65,7 @@ def test_a_packed_hf_teacher_forward_equals_each_document_alone(hf_teacher):
     last = teacher.forward(ids, pos, doc, select, layers=[teacher.n_layers - 1]).layers[0]
     torch.testing.assert_close(teacher.model.model.norm(last), states.hidden, rtol=1e-6, atol=1e-6)
     assert teacher.head_weight.shape == (201088, teacher.hidden_size) and teacher.head_bias is None
-    nothing = teacher.forward(ids, pos, doc, torch.zeros_like(select), layers=[0])  # still one forward (FSDP)
+    nothing = teacher.forward(ids, pos, doc, torch.zeros_like(select), layers=[0])
     assert nothing.hidden.shape == (0, teacher.hidden_size) and nothing.layers[0].shape == (0, teacher.hidden_size)
 
 
@@ -122,14 +122,15 @@ import sys
 import torch
 from vpmoe import distributed
 from vpmoe.distributed import Ranks
-from vpmoe.teacher.online import OnlineTeacherSection, load_online_teacher
+from vpmoe.teacher.online import PAD_BUDGET, OnlineTeacherSection, buckets, documents, load_online_teacher
 
 ranks = distributed.init("cpu")
 sharded = load_online_teacher(OnlineTeacherSection(path=sys.argv[1], dtype="float32", placement="fsdp"), ranks)
 whole = load_online_teacher(OnlineTeacherSection(path=sys.argv[1], dtype="float32"), Ranks())
 assert sharded.placement.startswith("FSDP2") and sharded.weight_bytes < whole.weight_bytes
 ids = torch.randint(0, 199998, (2, 12), generator=torch.Generator().manual_seed(ranks.rank))
-doc = torch.tensor([[0] * 7 + [1] * 5, [0] * 12])
+# rank 1's documents (12, 7, 5 tokens) need two buckets, rank 0's (12, 12) one: rank 0 feeds an EOD to keep in step
+doc = torch.tensor([[0] * 7 + [1] * 5, [0] * 12]) if ranks.rank else torch.zeros(2, 12, dtype=torch.long)
 pos = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, -1) * (doc == 1) + torch.arange(12) * (doc == 0)
 select = torch.ones_like(ids, dtype=torch.bool)
 a = sharded.forward(ids, pos, doc, select, [0, sharded.n_layers - 1])
@@ -151,6 +152,23 @@ def test_a_teacher_sharded_over_two_ranks_equals_the_whole_teacher(tmp_path, hf_
     for teacher in (hf_teacher, vpmoe_teacher):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                "2", str(script), str(teacher)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "rank 0 equal" in done.stdout and "rank 1 equal" in done.stdout
+
+
+def test_documents_are_fed_in_buckets_of_similar_length():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        lengths = sorted(torch.randint(1, 300, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(),
+                         reverse=True)
+        ranges = buckets(lengths)
+        assert [i for first, last in ranges for i in range(first, last)] == list(range(len(lengths)))
+        for k, (first, last) in enumerate(ranges):
+            padded, real = (last - first) * lengths[first], sum(lengths[first:last])
+            assert last - first == 1 or padded <= PAD_BUDGET * real
+            if k + 1 < len(ranges):  # greedy: the next document would have broken the budget
+                assert (last - first + 1) * lengths[first] > PAD_BUDGET * (real + lengths[last])
+    doc = torch.tensor([[0] * 8 + [1] * 2 + [2] * 2])  # documents of 8, 2 and 2 tokens: fed as 8 and 2 x 2
+    docs = documents(torch.arange(12)[None], doc, torch.ones_like(doc, dtype=torch.bool))
+    assert docs.lengths == [8, 2, 2] and docs.fed_tokens == 12 < 3 * 8

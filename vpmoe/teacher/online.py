@@ -10,10 +10,11 @@ as the student, on the same token rows, and gives its final hidden states, its o
 
 `forward` runs under no_grad in the teacher's own dtype (autocast off): its states are fixed targets. No document
 attends to another. A vpmoe teacher takes the packed rows whole and masks attention by `doc_ids`, as the student
-does. A Hugging Face teacher gets each document alone, from position 0, right-padded to the longest in one batch
-(transformers' packed-sequence masks are not built by every model, e.g. GPT-OSS); only the documents that hold a
-selected position are fed, up to their last selected position, in one forward per call. Block outputs are
-captured with forward hooks (vpmoe.model.capture), never read from a library's `hidden_states` tuple.
+does. A Hugging Face teacher gets each document alone, from position 0, right-padded (transformers' packed-sequence
+masks are not built by every model, e.g. GPT-OSS): only the documents that hold a selected position, up to their
+last selected position, longest first, in buckets of similar length (at most PAD_BUDGET fed tokens per real one, or
+one document), one forward per bucket. Block outputs are captured with forward hooks (vpmoe.model.capture), never
+read from a library's `hidden_states` tuple.
 
 The teacher is a Hugging Face causal LM with the o200k Harmony vocabulary (e.g. GPT-OSS) or a vpmoe checkpoint
 object / export; both go through the vocabulary checks of `vpmoe teacher score` (teacher/load.py). Placement:
@@ -21,7 +22,7 @@ object / export; both go through the vocabulary checks of `vpmoe teacher score` 
 - "fsdp": FSDP2 over the same ranks as the student, forward only: each block is one unit, the body's root unit
   holds the embedding and final norm; the output head stays whole on every rank (the chunked losses read it).
   Every rank must call `forward` the same number of times (each forward gathers every block's shards), which
-  holds when each rank runs one teacher forward per micro-batch. Rank 0 alone reads the checkpoint (into host
+  holds when each rank runs one teacher forward per micro-batch; inside, the ranks agree on the number of buckets. Rank 0 alone reads the checkpoint (into host
   memory: the host needs the teacher's size once) and broadcasts it into the other ranks' shards.
 """
 
@@ -69,11 +70,12 @@ class TeacherStates:
 
 
 class OnlineTeacher:
-    def __init__(self, teacher: load.Teacher, vpmoe: bool, name: str):
+    def __init__(self, teacher: load.Teacher, vpmoe: bool, name: str, sharded: bool = False):
         self.model, self.body = teacher.model, teacher.body
         self.head_weight, self.head_bias = teacher.head_weight, teacher.head_bias
         self.placement = teacher.placement
         self.vpmoe = vpmoe
+        self.sharded = sharded  # FSDP2 over the ranks: every rank runs the same number of forwards
         self.name = name
         self.blocks = decoder_layers(teacher.model)
 
@@ -102,22 +104,62 @@ class OnlineTeacher:
         if bad:
             raise ValueError(f"teacher block {bad[0]} is out of range 0..{self.n_layers - 1}")
         blocks = [self.blocks[i] for i in layers]
-        with torch.autocast(input_ids.device.type, enabled=False), capture_outputs(blocks) as captured:
+        with torch.autocast(input_ids.device.type, enabled=False):
             if self.vpmoe:
-                hidden = self.body(input_ids=input_ids, position_ids=position_ids, doc_ids=doc_ids).last_hidden_state
-                at = (select,)
+                with capture_outputs(blocks) as captured:
+                    out = self.body(input_ids=input_ids, position_ids=position_ids, doc_ids=doc_ids)
+                states = TeacherStates(out.last_hidden_state[select], [h[select] for h in captured])
             else:
-                docs, at = documents(input_ids, doc_ids, select)
-                hidden = self.body(input_ids=docs, use_cache=False).last_hidden_state
+                states = self.forward_documents(documents(input_ids, doc_ids, select), blocks)
         if hasattr(self.body, "reshard"):  # FSDP2 keeps its root unit gathered after a forward; free it
             self.body.reshard()
-        return TeacherStates(hidden[at], [h[at] for h in captured])
+        return states
+
+    def forward_documents(self, docs: Documents, blocks: list[torch.nn.Module]) -> TeacherStates:
+        """One forward per bucket of documents of similar length; under FSDP the ranks agree on the number of
+        forwards (the ranks with fewer buckets feed one EOD for the rest)."""
+        device = docs.tokens.device
+        count = torch.tensor([len(docs.buckets)], device=device)
+        if self.sharded:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        hidden = torch.empty(len(docs.doc), self.hidden_size, dtype=self.head_weight.dtype, device=device)
+        outputs = [torch.empty_like(hidden) for _ in blocks]
+        for b in range(int(count)):
+            first, last = docs.buckets[b] if b < len(docs.buckets) else (0, 0)
+            tokens = docs.tokens[first:last, :docs.lengths[first]] if last > first else \
+                torch.full((1, 1), tk.EOD, dtype=docs.tokens.dtype, device=device)
+            with capture_outputs(blocks) as captured:
+                out = self.body(input_ids=tokens, use_cache=False)
+            mine = ((docs.doc >= first) & (docs.doc < last)).nonzero().squeeze(1)
+            at = (docs.doc[mine] - first, docs.offset[mine])
+            hidden[mine] = out.last_hidden_state[at].to(hidden.dtype)
+            for target, h in zip(outputs, captured):
+                target[mine] = h[at].to(target.dtype)
+        return TeacherStates(hidden, outputs)
 
 
-def documents(input_ids: torch.Tensor, doc_ids: torch.Tensor, select: torch.Tensor):
-    """The documents of packed rows that hold a selected position, each from its start to its last selected
-    position, right-padded into one batch [D, W]; and the (document, offset) index of every selected position in
-    row-major order (index a [D, W, ...] result with it)."""
+PAD_BUDGET = 1.25  # a bucket of documents computes at most this many tokens per real one (or holds one document)
+
+
+@dataclass
+class Documents:
+    """The documents of packed rows that hold a selected position, longest first, each from its start to its last
+    selected position, right-padded: `tokens` [D, W]; `lengths` [D] (a list); `buckets`: (first, last) ranges of
+    documents fed together; `doc`, `offset` [N]: where each selected position (row-major) lies."""
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    buckets: list[tuple[int, int]]
+    doc: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def fed_tokens(self) -> int:
+        """Tokens the forwards compute, padding included."""
+        return sum((last - first) * self.lengths[first] for first, last in self.buckets)
+
+
+def documents(input_ids: torch.Tensor, doc_ids: torch.Tensor, select: torch.Tensor) -> Documents:
     starts = torch.ones_like(select)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     starts = starts.flatten()
@@ -128,13 +170,29 @@ def documents(input_ids: torch.Tensor, doc_ids: torch.Tensor, select: torch.Tens
     offset = selected - first[segment[selected]]
     length = torch.zeros(len(used), dtype=torch.long, device=select.device).scatter_reduce(
         0, doc, offset + 1, "amax")
-    width = int(length.max()) if len(used) else 0
+    order = torch.argsort(length, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    lengths = length[order].tolist()
+    width = lengths[0] if lengths else 0
     columns = torch.arange(width, device=select.device)
-    index = (first[used][:, None] + columns).clamp(max=select.numel() - 1)
-    if not len(used):  # one EOD is fed all the same: under FSDP every rank forwards once per call
-        return torch.full((1, 1), tk.EOD, dtype=input_ids.dtype, device=input_ids.device), (doc, offset)
-    batch = torch.where(columns < length[:, None], input_ids.flatten()[index], tk.EOD)
-    return batch, (doc, offset)
+    index = (first[used[order]][:, None] + columns).clamp(max=max(select.numel() - 1, 0))
+    tokens = torch.where(columns < length[order][:, None], input_ids.flatten()[index], tk.EOD)
+    return Documents(tokens, lengths, buckets(lengths), rank[doc], offset)
+
+
+def buckets(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive ranges of documents (lengths descending) fed as one right-padded batch: a range grows while its
+    padded tokens stay within PAD_BUDGET times its real ones."""
+    ranges, first, real = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > first and (i - first + 1) * lengths[first] > PAD_BUDGET * (real + length):
+            ranges.append((first, i))
+            first, real = i, 0
+        real += length
+    if lengths:
+        ranges.append((first, len(lengths)))
+    return ranges
 
 
 def load_online_teacher(section: OnlineTeacherSection, ranks: Ranks) -> OnlineTeacher:
@@ -145,7 +203,7 @@ def load_online_teacher(section: OnlineTeacherSection, ranks: Ranks) -> OnlineTe
     load.check_vocabulary(path)
     vpmoe = is_vpmoe_config(load.read_config(path))
     if section.placement == "fsdp" and ranks.distributed:
-        return OnlineTeacher(load_sharded(path, section, vpmoe, ranks), vpmoe, path.name)
+        return OnlineTeacher(load_sharded(path, section, vpmoe, ranks), vpmoe, path.name, sharded=True)
     return OnlineTeacher(load_whole(path, section, vpmoe, ranks.device), vpmoe, path.name)
 
 
