@@ -39,12 +39,14 @@ def world(tmp_path_factory):
     """Two datasets with the same sample count and other records, and a run of 2 steps (checkpoints 1 and 2)."""
     root = tmp_path_factory.mktemp("runs_world")
     data = {}
-    for name, seed in (("ds1", 11), ("ds2", 12)):
+    for name, seed in (("ds1", 11), ("ds2", 17)):  # 6 train and 2 valid samples each
         src = synthetic.write_jsonl(root / f"{name}.jsonl", synthetic.records(8, seed=seed))
         (root / f"{name}.toml").write_text(f'[data]\ninputs = ["{src}"]\nformat = "synth"\nout = "{root / name}"\n'
-                                           f'seq_len = 256\nvalid_fraction = 0.0\n')
+                                           f'seq_len = 256\nvalid_fraction = 0.25\n')
         assert cli.main(["data", "build", str(root / f"{name}.toml")]) == 0
         data[name] = root / name
+    counts = [json.loads((d / "manifest.json").read_text())["splits"] for d in data.values()]
+    assert counts[0]["train"]["samples"] == counts[1]["train"]["samples"] and counts[0]["valid"]["samples"] > 0
     run = train(load_train_config("tiny_ce", sets(root / "run", data["ds1"], 2)))
     assert [p.name for p in checkpoints.complete_checkpoints(run)] == ["step_0000001", "step_0000002"]
     return {"root": root, "run": run, **data}
@@ -310,6 +312,19 @@ def test_export_keeps_what_it_did_not_write_and_refuses_bad_outputs(world, tmp_p
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "full").iterdir()} == \
            {p.name: 0o666 & ~umask for p in (tmp_path / "full").iterdir()}
+
+
+# ---- item 9: eval of a run without eval.dataset -------------------------------------------------------------------
+
+
+def test_eval_of_a_run_measures_held_out_loss_on_the_runs_dataset(world, tmp_path):
+    run = clone(world["run"], tmp_path / "run")
+    p = vpmoe("eval", "--checkpoint", run, "--set", 'eval.parts=["heldout"]')
+    succeeds(p)
+    assert f"held-out loss on {world['ds1']} (valid), the dataset run@2 was trained on" in p.stdout
+    report = json.loads((run / "eval/step_0000002.json").read_text())
+    valid = json.loads((world["ds1"] / "manifest.json").read_text())["splits"]["valid"]
+    assert report["heldout"]["samples"] == valid["samples"] and report["heldout"]["spans"]["all"]["tokens"] > 0
 
 
 # ---- every verb on broken inputs ------------------------------------------------------------------------------
