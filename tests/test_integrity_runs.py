@@ -241,6 +241,10 @@ def test_export_and_eval_fall_back_from_a_damaged_checkpoint_and_refuse_a_damage
     succeeds(p)
     assert warning in p.stderr and (run / "eval/step_0000001.json").is_file()
 
+    p = vpmoe("eval", "--checkpoint", run, "--all-steps", "--set", 'eval.parts=["sanity"]')
+    succeeds(p)
+    assert f"warning: skipping checkpoint {run}/checkpoints/step_0000002: it is damaged (trainer_rank0.pt" in p.stderr
+
     fails(vpmoe("export", run / "checkpoints/step_0000002", "--out", tmp_path / "out2"), 2,
           f"checkpoint {run}/checkpoints/step_0000002 is damaged (trainer_rank0.pt is 10 bytes")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -88,6 +89,10 @@ def expand(paths: list[str], steps: str = "latest") -> list[Target]:
         path = Path(raw)
         found = checkpoints.complete_checkpoints(path) if steps == "all" and path.is_dir() else []
         is_run = found and not (path / CONFIG_FILE).is_file() and not checkpoints.is_checkpoint(path)
+        if is_run:
+            found = [p for p in found if _intact(p)]
+            if not found:
+                raise UserError(f"every complete checkpoint of {path} is damaged: restore one")
         targets += [locate(p) for p in found] if is_run else [locate(path)]
     seen = set()
     unique = []
@@ -96,6 +101,13 @@ def expand(paths: list[str], steps: str = "latest") -> list[Target]:
             seen.add(target.directory.resolve())
             unique.append(target)
     return unique
+
+
+def _intact(checkpoint: Path) -> bool:
+    problem = checkpoints.verify(checkpoint)
+    if problem is not None:
+        print(f"warning: skipping checkpoint {checkpoint}: it is damaged ({problem})", file=sys.stderr)
+    return problem is None
 
 
 def fingerprint(directory: Path) -> str:
