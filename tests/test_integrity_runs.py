@@ -308,10 +308,15 @@ def test_export_keeps_what_it_did_not_write_and_refuses_bad_outputs(world, tmp_p
             "w.save_file = save_file\n")
     fails(vpmoe("export", world["run"], "--out", tmp_path / "full", prelude=full), 1,
           f"no space left for the export in {tmp_path / 'full.partial'}")
-    p = vpmoe("export", world["run"], "--out", tmp_path / "full")  # room again: the leftovers are its own
+    assert not (tmp_path / "full.partial").exists()  # what it wrote is gone: the space is free again
+
+    killed = tmp_path / "full.partial"  # what a killed export leaves: its mark and a half-written model
+    (killed / "model").mkdir(parents=True)
+    (killed / "export.json").write_text("{}")
+    (killed / "model" / ".shard-00001.safetensors").write_bytes(b"half")
+    p = vpmoe("export", world["run"], "--out", tmp_path / "full")
     succeeds(p)
-    assert f"removing the unfinished export in {tmp_path / 'full.partial'}" in p.stdout
-    assert not (tmp_path / "full.partial").exists()
+    assert f"removing the unfinished export in {killed}" in p.stdout and not killed.exists()
     umask = os.umask(0)
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "full").iterdir()} == \
