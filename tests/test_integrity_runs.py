@@ -157,11 +157,16 @@ def test_a_damaged_metrics_line_before_the_last_is_refused(world, tmp_path):
     fails(train_cli(run, world["ds1"], 3), 2, f"{run / 'metrics.jsonl'} line 1 is damaged")
 
 
-def test_run_directories_that_cannot_be_written(world, tmp_path):
+def test_run_directories_that_cannot_be_written(world, tmp_path, capfd):
+    """In this process (the lock is taken before anything is built, so these fail at once)."""
     (tmp_path / "file").write_text("x")
-    fails(train_cli(tmp_path / "file", world["ds1"], 1), 2, "is a file, not a directory: the training run needs")
-    fails(train_cli(tmp_path / "file" / "run", world["ds1"], 1), 2, "a part of that path is a file")
-    fails(train_cli("/proc/vpmoe-test-run", world["ds1"], 1), 2, "cannot create /proc/vpmoe-test-run")
+    for run, says in ((tmp_path / "file", "is a file, not a directory: the training run needs"),
+                      (tmp_path / "file" / "run", "a part of that path is a file"),
+                      ("/proc/vpmoe-test-run", "cannot create /proc/vpmoe-test-run")):
+        rc = cli.main(["train", "tiny_ce", *[a for s in sets(run, world["ds1"], 1) for a in ("--set", s)]])
+        out, err = capfd.readouterr()
+        assert rc == 2 and "Traceback" not in out + err
+        assert err.strip().splitlines()[-1].startswith("vpmoe: error: ") and says in err, err
     assert (tmp_path / "file").read_text() == "x"
 
 
