@@ -358,9 +358,14 @@ def test_every_verb_on_broken_inputs_says_one_line_without_a_traceback(world, tm
     cases += [["export", path, "--out", tmp_path / "out"] for path in paths]
     cases += [["eval", "--checkpoint", path] for path in paths]
     cases += [["data", verb, path] for verb in ("inspect", "verify") for path in paths]
-    cases += [["demo", "--out", tmp_path / "file"], ["train", "tiny_ce", "--set", "run.colour=1"]]
+    cases += [["demo", "--out", tmp_path / "file"], ["train", "tiny_ce", "--set", "run.colour=1"],
+              ["eval", "--checkpoint", world["run"], "--dataset", tmp_path / "file"],
+              ["eval", "--checkpoint", world["run"], "--set", f"eval.suite={json.dumps(str(tmp_path))}"]]
+    says = {"--dataset": f"eval.dataset {tmp_path / 'file'} is not a directory",  # not "does not exist"
+            f"eval.suite={json.dumps(str(tmp_path))}": f"suite file {tmp_path} is not a file"}
     for argv in cases:
         rc = cli.main([str(a) for a in argv])
         out, err = capfd.readouterr()
         assert "Traceback" not in out + err, (argv, err)
         assert rc == 2 and err.strip().splitlines()[-1].startswith("vpmoe: error: "), (argv, rc, err)
+        assert all(message in err for key, message in says.items() if key in argv[-2:]), err

@@ -184,7 +184,8 @@ def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResul
     suite = subset(load_suite(settings.suite), settings.suite_items) if "suite" in settings.parts else None
     needs_data = {"heldout", "teacher_kl"} & set(settings.parts)
     if needs_data and settings.dataset and not Path(settings.dataset).is_dir():
-        raise UserError(f"eval.dataset {settings.dataset} does not exist")
+        what = "is not a directory" if Path(settings.dataset).exists() else "does not exist"
+        raise UserError(f"eval.dataset {settings.dataset} {what}")
     if "teacher_kl" in settings.parts and not settings.dataset:
         raise UserError("eval.parts has teacher_kl: set eval.dataset to a dataset with a teacher sidecar")
     settings_hash = _settings_hash(settings, suite.sha256 if suite else None)
