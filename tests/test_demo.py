@@ -41,3 +41,4 @@ def test_demo_end_to_end_from_a_plain_install_in_another_directory(tmp_path):
                                        "student online KD", "student OPD", "eval"}
     assert summary["artifacts"]["teacher"].endswith("teacher")
     assert (work / "demo" / "dataset" / "train" / "teacher" / "topk_ids.idx").is_file()
+    assert (work / summary["artifacts"]["comparison plot"]).read_bytes().startswith(b"\x89PNG")

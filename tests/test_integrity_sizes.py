@@ -6,6 +6,8 @@ import hashlib
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +160,16 @@ def test_readers_see_the_same_samples_as_before(dataset):
     reader = IndexedReader(dataset / "train" / "tokens")
     raw = np.fromfile(dataset / "train" / "tokens.bin", dtype=np.int32)
     assert np.array_equal(np.concatenate([reader[i] for i in range(len(reader))]), raw)
+
+
+def test_training_on_a_truncated_sidecar_is_refused_through_the_cli(scored, tmp_path):
+    """The issue's case: `target_logprob.bin` cut to 47% trained with exit 0. Now one line, exit 2, and the run
+    directory the refused run would have used is not left behind."""
+    data, path, original = damaged(scored, tmp_path, "train/teacher/target_logprob.bin", keep=lambda n: n * 47 // 100)
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "vpmoe.cli", "train", "tiny_kd", "--set",
+                        f"data.path={json.dumps(str(data))}", "--set", f"run.dir={json.dumps(str(run))}",
+                        "--set", "train.steps=1"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"vpmoe: error: {path} is {original * 47 // 100} bytes")
+    assert not run.exists()

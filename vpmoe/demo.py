@@ -26,7 +26,7 @@ from vpmoe.data.build import DataSection, build
 from vpmoe.distributed import Ranks
 from vpmoe.errors import UserError
 from vpmoe.eval.opd_kl import heldout_reverse_kl
-from vpmoe.eval.run import evaluate_checkpoint
+from vpmoe.eval.run import compare, evaluate_checkpoint
 from vpmoe.export import export
 from vpmoe.model import build_model, load_model_config
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
@@ -136,6 +136,8 @@ def demo(out: str, size: DemoSize | None = None) -> dict:
 
     reports: dict[str, dict] = {}
     stage("eval", evaluate)
+    where["comparison plot"] = str(compare(list(reports.values()), root / "compare", "vpmoe demo: the students",
+                                           verbose=False)["png"])
     summary = summarize(reports, times, where)
     (root / "summary.json").write_text(json.dumps({"reports": reports, "seconds": times, "artifacts": where},
                                                   indent=2, default=str) + "\n")

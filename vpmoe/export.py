@@ -8,6 +8,7 @@ host), and a `<out>.partial` that holds anything but an earlier export's leftove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -35,17 +36,26 @@ def export(path: str | Path, out: str | Path, shard_bytes: int = weights.DEFAULT
         with lock_dir(partial, "the export"):
             _check_out(out)  # again, now that this process holds the partial directory
             stage = _start(partial, source.directory)
-            save_model(model, stage, shard_bytes)
-            _write_tokenizer(stage)
-            parent = read_provenance(source.directory)
-            record = provenance.record("export", "", parents=[parent] if parent else [],
-                                       source=provenance.portable_name(source.directory), shards=_count_shards(stage))
-            write_json(stage / "provenance.json", record)
-            stage.rename(out)
+            try:
+                _write(model, stage, source.directory, shard_bytes)
+                stage.rename(out)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    remove_dir(partial)  # what this export wrote: it frees the space a full disk needs
+                raise
             remove_dir(partial)
     except OSError as e:
         raise write_failed(e, "the export", partial, "run the same command again") from None
     return out
+
+
+def _write(model, stage: Path, source: Path, shard_bytes: int) -> None:
+    save_model(model, stage, shard_bytes)
+    _write_tokenizer(stage)
+    parent = read_provenance(source)
+    record = provenance.record("export", "", parents=[parent] if parent else [],
+                               source=provenance.portable_name(source), shards=_count_shards(stage))
+    write_json(stage / "provenance.json", record)
 
 
 def _check_out(out: Path) -> None:

@@ -5,7 +5,9 @@ Where reports land ("beside the checkpoint"):
   checkpoint object or export directory D               ->  D/eval/<D's name>.{json,md}
   several checkpoints                                   ->  also compare.{md,json,png} in `eval.out`
                                                             (default: the run's eval/ when all share one run)
-A report made with the same settings for the same checkpoint is reused unless `eval.reuse = false`.
+A report made with the same settings for the same checkpoint is reused unless `eval.reuse = false`. Without
+`eval.dataset`, a training checkpoint's held-out loss is measured on the dataset its run trained on (its
+`data.path`, when that is still there), on `eval.split`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +89,10 @@ def expand(paths: list[str], steps: str = "latest") -> list[Target]:
         path = Path(raw)
         found = checkpoints.complete_checkpoints(path) if steps == "all" and path.is_dir() else []
         is_run = found and not (path / CONFIG_FILE).is_file() and not checkpoints.is_checkpoint(path)
+        if is_run:
+            found = [p for p in found if _intact(p)]
+            if not found:
+                raise UserError(f"every complete checkpoint of {path} is damaged: restore one")
         targets += [locate(p) for p in found] if is_run else [locate(path)]
     seen = set()
     unique = []
@@ -93,6 +101,13 @@ def expand(paths: list[str], steps: str = "latest") -> list[Target]:
             seen.add(target.directory.resolve())
             unique.append(target)
     return unique
+
+
+def _intact(checkpoint: Path) -> bool:
+    problem = checkpoints.verify(checkpoint)
+    if problem is not None:
+        print(f"warning: skipping checkpoint {checkpoint}: it is damaged ({problem})", file=sys.stderr)
+    return problem is None
 
 
 def fingerprint(directory: Path) -> str:
@@ -148,11 +163,29 @@ def evaluate_checkpoint(path: str | Path, settings: EvalSection | None = None, *
     return _evaluate(locate(path), settings, verbose)
 
 
+def _run_dataset(target: Target, split: str) -> str:
+    """The dataset a training checkpoint was trained on (its config's data.path) when it is still there and has
+    samples in `split`; "" otherwise."""
+    if target.run is None:
+        return ""
+    try:
+        path = tomllib.loads((target.directory / "config.toml").read_text(encoding="utf-8"))["data"]["path"]
+        samples = read_manifest(path)["splits"][split]["samples"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, UserError):
+        return ""
+    return path if samples else ""
+
+
 def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResult:
+    if "heldout" in settings.parts and not settings.dataset:
+        settings = dataclasses.replace(settings, dataset=_run_dataset(target, settings.split))
+        if settings.dataset and verbose:
+            print(f"held-out loss on {settings.dataset} ({settings.split}), the dataset {target.label} was trained on")
     suite = subset(load_suite(settings.suite), settings.suite_items) if "suite" in settings.parts else None
     needs_data = {"heldout", "teacher_kl"} & set(settings.parts)
     if needs_data and settings.dataset and not Path(settings.dataset).is_dir():
-        raise UserError(f"eval.dataset {settings.dataset} does not exist")
+        what = "is not a directory" if Path(settings.dataset).exists() else "does not exist"
+        raise UserError(f"eval.dataset {settings.dataset} {what}")
     if "teacher_kl" in settings.parts and not settings.dataset:
         raise UserError("eval.parts has teacher_kl: set eval.dataset to a dataset with a teacher sidecar")
     settings_hash = _settings_hash(settings, suite.sha256 if suite else None)
@@ -190,7 +223,7 @@ def _evaluate(target: Target, settings: EvalSection, verbose: bool) -> EvalResul
                                              settings.batch_size)
             print_(f"  held-out: {_heldout_line(report['heldout'])}")
         else:
-            print_("  held-out: skipped (eval.dataset is empty)")
+            print_("  held-out: skipped (eval.dataset is empty, and no dataset the checkpoint was trained on is here)")
     if "teacher_kl" in settings.parts:
         report["teacher_kl"] = heldout_teacher_kl(model, settings.dataset, settings.split, settings.batch_size,
                                                   settings.max_samples)

@@ -70,7 +70,7 @@ def load_suite(path: str | Path | None = None) -> Suite:
     builtin = not path
     file = SUITE_FILE if builtin else Path(path)
     if not file.is_file():
-        raise UserError(f"suite file {file} does not exist")
+        raise UserError(f"suite file {file} {'is not a file' if file.exists() else 'does not exist'}")
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if builtin and digest != SUITE_SHA256:

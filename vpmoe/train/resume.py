@@ -25,8 +25,9 @@ from vpmoe.teacher.sidecar import provenance_sha256
 from vpmoe.train.config import TrainConfig
 
 PROVENANCE = "provenance.json"
-# Settings whose change says nothing about what the checkpoint holds.
-FREE_TO_CHANGE = ("run.dir", "run.allow_dataset_change", "data.path", "train.steps", "train.log_every", "checkpoint.", "logging.")
+# Settings whose change says nothing about what the checkpoint holds (data.path: the dataset is compared by content).
+FREE_TO_CHANGE = ("run.dir", "run.allow_dataset_change", "data.path", "train.steps", "train.log_every", "checkpoint.",
+                  "logging.")
 
 
 def dataset_sha256(manifest: dict) -> str:
