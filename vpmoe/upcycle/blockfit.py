@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vpmoe.model.attention import AttentionContext
 from vpmoe.model.naming import param_kind
-from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
 from vpmoe.model.transformer import Block, Transformer
 from vpmoe.upcycle import morph
 from vpmoe.upcycle.config import FIT_GROUPS
 from vpmoe.upcycle.drift import CalibrationRow
+from vpmoe.upcycle.stream import row_context
 
 TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
 
@@ -64,18 +63,7 @@ def trainable_names(block: Block, groups: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _contexts(model: Transformer, seq: int) -> AttentionContext:
-    """What Transformer.body builds for one unpacked row of `seq` tokens."""
-    position_ids = torch.arange(seq)[None]
-    ctx = AttentionContext(position_ids=position_ids, doc_ids=torch.zeros(1, seq, dtype=torch.long),
-                           token_index=torch.arange(seq), kernel="reference")
-    if not model.cfg.real:
-        a = model.cfg.attention
-        ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base))
-    return ctx
-
-
-def _run(block: Block, model: Transformer, x: torch.Tensor, ctx: AttentionContext, v_first) -> tuple:
+def _run(block: Block, model: Transformer, x: torch.Tensor, ctx, v_first) -> tuple:
     out, v, _ = block(x[None], ctx, model.kernels.experts, v_first=v_first)
     return out[0], v
 
@@ -97,8 +85,8 @@ def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[Calibratio
     rows = fit_rows + heldout_rows
     n_fit = len(fit_rows)
     ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
-    compat_ctx = [_contexts(compat, x.shape[1]) for x in ids]
-    real_ctx = [_contexts(real, x.shape[1]) for x in ids]
+    compat_ctx = [row_context(compat.cfg, x.shape[1]) for x in ids]
+    real_ctx = [row_context(real.cfg, x.shape[1]) for x in ids]
     with torch.no_grad():
         xs = [compat.embed(x)[0] for x in ids]
     v_first = [None] * len(rows)

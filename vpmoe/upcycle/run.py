@@ -62,7 +62,7 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
     healing = None
     if cfg.heal.config:
         healed, details["healing"] = heal.heal(cfg, staging, target.model_config())
-        healed_report = drift.drift_report(result.source, drift.vpmoe_logits(healed), rows)
+        healed_report = drift.drift_report(result.source(), drift.vpmoe_logits(healed), rows)
         healing = {**details["healing"], "after_conversion": drift.brief(report),
                    "after_healing": drift.brief(healed_report)}
         report = healed_report
