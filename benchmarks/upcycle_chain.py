@@ -23,7 +23,7 @@ process (steps 4 and 5 streamed, weights in `--dtype`); reported per step: peak 
 written tensors have the spec's shapes and parameter count (goal: peak RSS <= 16 GiB). `--tiny` runs the same on
 the test miniature (seconds), to check the path.
 
-    python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype bf16] [--tiny]
+    python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype fp32|bf16] [--tiny]
 
 Held-out loss: mean next-token NLL on records the donor never saw; agreement: KL(donor || model), top-1 agreement,
 max |dlogit| (vpmoe.upcycle.drift.compare_logits). Goals (issue 19): block-wise real <= 1.5 nats before any
@@ -180,7 +180,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/upcycle_chain.json")
     parser.add_argument("--real-shape", metavar="DIR", help="run the real-shape chain in DIR instead (see above)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="weights of the streamed steps")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of the streamed steps")
     parser.add_argument("--tiny", action="store_true", help="--real-shape on the test miniature")
     parser.add_argument("--records", type=int, default=8, help="--real-shape: calibration records of the drift")
     parser.add_argument("--run-step", nargs="+", metavar=("CONFIG", "OVERRIDE"), help=argparse.SUPPRESS)
