@@ -84,9 +84,10 @@ def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[Calibratio
     """Fit every block of `real` (in place) to its compat block; returns the per-block report for drift.json."""
     rows = fit_rows + heldout_rows
     n_fit = len(fit_rows)
-    ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
-    compat_ctx = [row_context(compat.cfg, x.shape[1]) for x in ids]
-    real_ctx = [row_context(real.cfg, x.shape[1]) for x in ids]
+    device = compat.embed.weight.device  # both models on one device (morph.device)
+    ids = [torch.from_numpy(r.tokens.astype("int64"))[None].to(device) for r in rows]
+    compat_ctx = [row_context(compat.cfg, x.shape[1], device) for x in ids]
+    real_ctx = [row_context(real.cfg, x.shape[1], device) for x in ids]
     with torch.no_grad():
         xs = [compat.embed(x)[0] for x in ids]
     v_first = [None] * len(rows)
@@ -157,8 +158,8 @@ def whiten_q(block: Block, q_weight: torch.Tensor, xs, ridge: float) -> float:
     Gram matrix of the block's normed inputs `xs`; returns its relative error on those activations."""
     attn = block.attn
     normed = torch.cat([block.attn_norm(x) for x in xs]).double()
-    a_bias, b, err = morph.svd_heads_whitened(q_weight, attn.n_heads, attn.q_a.out_features // attn.n_heads,
-                                              normed.T @ normed, ridge)
+    a_bias, b, err = morph.svd_heads_whitened(q_weight.cpu(), attn.n_heads, attn.q_a.out_features // attn.n_heads,
+                                              (normed.T @ normed).cpu(), ridge)
     attn.q_a.weight.zero_()
     attn.q_a.bias.copy_(a_bias.flatten())
     attn.q_b.weight.copy_(b)

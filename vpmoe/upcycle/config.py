@@ -117,6 +117,7 @@ class MorphSection:
     lr: float = 1e-3
     rows_per_step: int = 4
     q_init: Literal["whitened", "svd"] = "whitened"  # TPA Q of local layers: activation-aware SVD or the mapping's
+    device: Literal["cpu", "cuda"] = "cpu"  # where the block-wise fit runs (both 28-layer models fit on one GPU)
     trainable: list[str] = field(default_factory=lambda: list(FIT_GROUPS))
 
     def validate(self) -> None:

@@ -112,14 +112,14 @@ def streamed_hidden(reader: Reader, rows, on_block: Callable[[int, Block], None]
     return [norm(x)[0] for x in xs]
 
 
-def row_context(cfg: ModelConfig, seq: int) -> AttentionContext:
+def row_context(cfg: ModelConfig, seq: int, device: str | torch.device = "cpu") -> AttentionContext:
     """What Transformer.body builds for one unpacked row of `seq` tokens (no KV cache, reference kernel)."""
-    position_ids = torch.arange(seq)[None]
-    ctx = AttentionContext(position_ids=position_ids, doc_ids=torch.zeros(1, seq, dtype=torch.long),
-                           token_index=torch.arange(seq), kernel="reference")
+    position_ids = torch.arange(seq, device=device)[None]
+    ctx = AttentionContext(position_ids=position_ids, doc_ids=torch.zeros(1, seq, dtype=torch.long, device=device),
+                           token_index=torch.arange(seq, device=device), kernel="reference")
     if not cfg.real:
         a = cfg.attention
-        ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base))
+        ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base, device=device))
     return ctx
 
 
