@@ -98,8 +98,11 @@ class Surgery(_VpmoeStep):
         if s.method == "fit":
             fit_rows = drift.calibration_rows(ctx.cfg.calibration, records=s.fit_records, seed=s.fit_seed,
                                               prefix="fit")
-        result, details = surgery.convert(hf.load_state(u.input), hf.facts(u.input), target_cfg, s.method,
-                                          donor=donor, fit_rows=fit_rows, ridge=s.ridge)
+        facts = hf.facts(u.input)
+        # the donor model's own tensors (one copy of the donor in memory); a head the files do not hold is tied
+        state = {k: v.detach() for k, v in donor.state_dict().items() if k != hf.HEAD or facts["head_rows"]}
+        result, details = surgery.convert(state, facts, target_cfg, s.method, donor=donor, fit_rows=fit_rows,
+                                          ridge=s.ridge)
         return drift.hf_logits(donor), result, details
 
 
