@@ -75,7 +75,8 @@ def convert(source: Transformer, cfg: ModelConfig) -> tuple[Transformer, dict]:
     return model, details
 
 
-def target_tensors(source_cfg: ModelConfig, cfg: ModelConfig, read, details: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def target_tensors(source_cfg: ModelConfig, cfg: ModelConfig, read,
+                   details: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the expanded model, layer by layer; `read(names)` gives the source's tensors by name (from
     memory or from disk; a source layer is read again for every target layer that copies it). `details` is filled
     with the step's record once the last layer is out."""

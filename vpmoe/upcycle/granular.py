@@ -203,7 +203,8 @@ def fit_router(dense: Transformer, model: Transformer, fit_rows, heldout_rows, g
     return {"steps": steps, "lr": lr, "fit_tokens": int(sum(len(r.tokens) for r in fit_rows)),
             "heldout_tokens": int(sum(len(r.tokens) for r in heldout_rows)), "layers": layers,
             "note": "moe_vs_dense_rel_err = |moe(x) - dense_ffn(x)| / |dense_ffn(x)| on held-out rows, x the dense "
-                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends with"}
+                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends "
+                    "with"}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Checkpoint objects on disk: identity (weights hash), provenance, and the checks a step makes on its input.
 
-A vpmoe object is `model.safetensors` (or shards + their index) + `config.json` + `provenance.json` + `drift.json`; a Hugging Face object is
-its directory (config, weights, tokenizer) plus, when made by a step, the same two records.
+A vpmoe object is `model.safetensors` (or shards + their index) + `config.json` + `provenance.json` + `drift.json`;
+a Hugging Face object is its directory (config, weights, tokenizer) plus, when made by a step, the same two records.
 """
 
 from __future__ import annotations

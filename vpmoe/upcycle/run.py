@@ -7,7 +7,8 @@
    transplant) and measures drift on the fixed calibration batch.
 4. Optionally heal: a short `vpmoe train` stage on the new object ([heal]), measured again (drift.json "healing":
    held-out loss and top-1 agreement with the source after the conversion and after healing).
-5. Write drift.json (its metrics are the final object's) and provenance.json, check the result against the target's entry, then move it into place.
+5. Write drift.json (its metrics are the final object's) and provenance.json, check the result against the
+   target's entry, then move it into place.
 """
 
 from __future__ import annotations
