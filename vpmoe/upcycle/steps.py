@@ -121,11 +121,13 @@ class Morph(_VpmoeStep):
                                             trainable=tuple(m.trainable))
             if m.device == "cuda" and not torch.cuda.is_available():
                 raise UserError("morph.device = \"cuda\" but no CUDA device is available")
-            source.to(m.device), result.to(m.device)
+            source.to(m.device)
+            result.to(m.device)
             with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
                 details["blockwise"] = blockfit.fit_blocks(source, result, fit_rows, heldout_rows, settings,
                                                            progress=lambda layer, entry: bar.update())
-            source.to("cpu"), result.to("cpu")
+            source.to("cpu")
+            result.to("cpu")
             details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
         return drift.vpmoe_logits(source), result, details
 
