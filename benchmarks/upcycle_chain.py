@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from upcycle_step2 import HIDDEN, LAYERS, batches, compat_config, donor_logits, evaluate, relabel, render, train_donor
+from vpmoe import tokenizer as tk
 from vpmoe.config import shipped_dir
 from vpmoe.data import synthetic
 from vpmoe.data.harmony import HarmonyRenderer
@@ -139,6 +140,8 @@ def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
             hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
             num_key_value_heads=8, head_dim=128, tied=True)
         testing.save_qwen3(root / "donor", seed=0, **({} if tiny else {"model": testing.random_qwen3(donor)}))
+        if not tiny:  # the registry checks the o200k Harmony special tokens of the donor's tokenizer
+            tk.write_hf_tokenizer(root / "donor")
         print(f"random donor written in {time.time() - t:.0f}s")
     results = {}
     for step, source, target, inp, out in REAL_STEPS:
