@@ -123,9 +123,12 @@ def run_one_step(config: str, overrides: list[str]) -> None:
 
 def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
     from vpmoe.artifacts import weights
+    from vpmoe.artifacts.files import write_json
     from vpmoe.artifacts.models import model_config
     from vpmoe.model.params import count_params
+    from vpmoe.provenance import record
     from vpmoe.testing import upcycle as testing
+    from vpmoe.upcycle.objects import weights_sha256
     from vpmoe.upcycle.stream import expected_shapes
 
     root.mkdir(parents=True, exist_ok=True)
@@ -134,14 +137,19 @@ def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
         registry.write_text(testing.registry_text())
     else:
         registry = shipped_dir("upcycle") / "objects.toml"
-    if not (root / "donor").exists():
+    if not (root / "donor" / "provenance.json").exists():
         t = time.time()
         donor = None if tiny else testing.qwen3_config(
             hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
             num_key_value_heads=8, head_dim=128, tied=True)
         testing.save_qwen3(root / "donor", seed=0, **({} if tiny else {"model": testing.random_qwen3(donor)}))
-        if not tiny:  # the registry checks the o200k Harmony special tokens of the donor's tokenizer
+        if not tiny:  # the registry checks the donor's o200k Harmony special tokens and the transplant's record
             tk.write_hf_tokenizer(root / "donor")
+            write_json(root / "donor" / "provenance.json", record(
+                "checkpoint_object", "", object="qwen3-0_6B-o200k", step="transplant",
+                weights_sha256=weights_sha256(root / "donor"),
+                details={"note": "random weights of Qwen3-0.6B's geometry at the o200k vocabulary: a stand-in for "
+                                 "the transplant's output (benchmarks/upcycle_chain.py --real-shape)"}))
         print(f"random donor written in {time.time() - t:.0f}s")
     results = {}
     for step, source, target, inp, out in REAL_STEPS:
