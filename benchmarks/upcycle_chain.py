@@ -47,12 +47,22 @@ import torch
 
 from upcycle_step2 import HIDDEN, LAYERS, batches, compat_config, donor_logits, evaluate, relabel, render, train_donor
 from vpmoe import tokenizer as tk
+from vpmoe.artifacts import weights
+from vpmoe.artifacts.files import write_json
+from vpmoe.artifacts.models import model_config
 from vpmoe.config import shipped_dir
 from vpmoe.data import synthetic
 from vpmoe.data.harmony import HarmonyRenderer
 from vpmoe.model.config import MoESection
+from vpmoe.model.params import count_params
+from vpmoe.provenance import record
+from vpmoe.testing import upcycle as testing
 from vpmoe.upcycle import blockfit, expand, granular, morph, surgery
+from vpmoe.upcycle.config import load_upcycle_config
 from vpmoe.upcycle.drift import CalibrationRow
+from vpmoe.upcycle.objects import weights_sha256
+from vpmoe.upcycle.run import upcycle
+from vpmoe.upcycle.stream import expected_shapes
 
 HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 16, 8, 8, 384
 EXPANDED_LAYERS = 8
@@ -112,9 +122,6 @@ SPEC_TOTALS = {"vpDense0-5_28.compat": 514_654_208, "vpDense0-5_28.real": 504_62
 
 def run_one_step(config: str, overrides: list[str]) -> None:
     """Child process: one `vpmoe upcycle`, then its peak RSS and seconds as one JSON line."""
-    from vpmoe.upcycle.config import load_upcycle_config
-    from vpmoe.upcycle.run import upcycle
-
     t = time.time()
     upcycle(load_upcycle_config(config, overrides))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -122,15 +129,6 @@ def run_one_step(config: str, overrides: list[str]) -> None:
 
 
 def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
-    from vpmoe.artifacts import weights
-    from vpmoe.artifacts.files import write_json
-    from vpmoe.artifacts.models import model_config
-    from vpmoe.model.params import count_params
-    from vpmoe.provenance import record
-    from vpmoe.testing import upcycle as testing
-    from vpmoe.upcycle.objects import weights_sha256
-    from vpmoe.upcycle.stream import expected_shapes
-
     root.mkdir(parents=True, exist_ok=True)
     if tiny:
         registry = root / "objects.toml"
@@ -200,8 +198,8 @@ def main(argv=None):
         return run_one_step(args.run_step[0], args.run_step[1:])
     if args.real_shape:
         report = real_shape(Path(args.real_shape), args.dtype, args.tiny, args.records)
-        out = Path(args.out).with_name("upcycle_chain_real_shape.json") if not args.tiny else Path(args.real_shape) / \
-            "real_shape.json"
+        name = f"upcycle_chain_real_shape_{args.dtype}.json"
+        out = Path(args.real_shape) / name if args.tiny else Path(args.out).with_name(name)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"goal peak RSS <= 16 GiB: {report['goal_peak_rss_le_16gib']}; wrote {out}")
         return
