@@ -15,6 +15,16 @@ step, after the block-wise morph, and after healing.
 5. Healing: `--heal-steps` AdamW steps of next-token cross-entropy on the train records (batch 16) on the final MoE
    (the benchmark's stand-in for `vpmoe upcycle`'s [heal] stage, whose `vpmoe train` needs the full o200k
    vocabulary), with the aux-loss-free balancing update after every step.
+
+The real-shape chain (`--real-shape DIR`, CPU is enough): a random donor with Qwen3-0.6B's exact geometry at the
+o200k vocabulary (the `qwen3-0_6B-o200k` object; step 1, mergekit with gpt-oss-20b as vocabulary donor, is not run)
+goes through steps 2-5 of the shipped registry to the 6.0B-parameter vpMoE, each step a `vpmoe upcycle` in its own
+process (steps 4 and 5 streamed, weights in `--dtype`); reported per step: peak RSS, minutes, and whether the
+written tensors have the spec's shapes and parameter count (goal: peak RSS <= 16 GiB). `--tiny` runs the same on
+the test miniature (seconds), to check the path.
+
+    python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype fp32|bf16] [--tiny]
+
 Held-out loss: mean next-token NLL on records the donor never saw; agreement: KL(donor || model), top-1 agreement,
 max |dlogit| (vpmoe.upcycle.drift.compare_logits). Goals (issue 19): block-wise real <= 1.5 nats before any
 end-to-end training; full chain + 200 healing steps within 10% of the compat fit's loss.
@@ -26,6 +36,9 @@ import argparse
 import copy
 import json
 import math
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +46,23 @@ import numpy as np
 import torch
 
 from upcycle_step2 import HIDDEN, LAYERS, batches, compat_config, donor_logits, evaluate, relabel, render, train_donor
+from vpmoe import tokenizer as tk
+from vpmoe.artifacts import weights
+from vpmoe.artifacts.files import write_json
+from vpmoe.artifacts.models import model_config
+from vpmoe.config import shipped_dir
 from vpmoe.data import synthetic
 from vpmoe.data.harmony import HarmonyRenderer
 from vpmoe.model.config import MoESection
+from vpmoe.model.params import count_params
+from vpmoe.provenance import record
+from vpmoe.testing import upcycle as testing
 from vpmoe.upcycle import blockfit, expand, granular, morph, surgery
+from vpmoe.upcycle.config import load_upcycle_config
 from vpmoe.upcycle.drift import CalibrationRow
+from vpmoe.upcycle.objects import weights_sha256
+from vpmoe.upcycle.run import upcycle
+from vpmoe.upcycle.stream import expected_shapes
 
 HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 16, 8, 8, 384
 EXPANDED_LAYERS = 8
@@ -87,6 +112,70 @@ def heal(model, train_rows, steps, lr, seed, batch=16):
     return model.eval(), float(np.mean(losses[-20:]))
 
 
+REAL_STEPS = [("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "donor", "compat"),
+              ("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real"),
+              ("expand", "vpDense0-5_28.real", "vpDense", "real", "dense"),
+              ("granular", "vpDense", "vpMoE", "dense", "moe")]
+SPEC_TOTALS = {"vpDense0-5_28.compat": 514_654_208, "vpDense0-5_28.real": 504_621_443, "vpDense": 676_949_807,
+               "vpMoE": 6_022_557_487}  # architecture.md section 4
+
+
+def run_one_step(config: str, overrides: list[str]) -> None:
+    """Child process: one `vpmoe upcycle`, then its peak RSS and seconds as one JSON line."""
+    t = time.time()
+    upcycle(load_upcycle_config(config, overrides))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"seconds": time.time() - t, "peak_rss_gib": rss / 2**30}))
+
+
+def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    if tiny:
+        registry = root / "objects.toml"
+        registry.write_text(testing.registry_text())
+    else:
+        registry = shipped_dir("upcycle") / "objects.toml"
+    if not (root / "donor" / "provenance.json").exists():
+        t = time.time()
+        donor = None if tiny else testing.qwen3_config(
+            hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, tied=True)
+        testing.save_qwen3(root / "donor", seed=0, **({} if tiny else {"model": testing.random_qwen3(donor)}))
+        if not tiny:  # the registry checks the donor's o200k Harmony special tokens and the transplant's record
+            tk.write_hf_tokenizer(root / "donor")
+            write_json(root / "donor" / "provenance.json", record(
+                "checkpoint_object", "", object="qwen3-0_6B-o200k", step="transplant",
+                weights_sha256=weights_sha256(root / "donor"),
+                details={"note": "random weights of Qwen3-0.6B's geometry at the o200k vocabulary: a stand-in for "
+                                 "the transplant's output (benchmarks/upcycle_chain.py --real-shape)"}))
+        print(f"random donor written in {time.time() - t:.0f}s")
+    results = {}
+    for step, source, target, inp, out in REAL_STEPS:
+        config = root / f"{step}.toml"
+        config.write_text(testing.step_config_text(step, source, target, root / inp, root / out, registry,
+                                                   records=records))
+        overrides = ["upcycle.overwrite=true"]
+        if step in ("expand", "granular"):
+            overrides += ["upcycle.stream=true", f"upcycle.dtype={dtype}"]
+        proc = subprocess.run([sys.executable, __file__, "--run-step", str(config), *overrides], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
+        numbers = json.loads(proc.stdout.strip().splitlines()[-1])
+        cfg = model_config(root / out)
+        numbers["shapes_match_config"] = weights.shapes(root / out) == expected_shapes(cfg)
+        numbers["params_total"] = count_params(cfg)["total"]
+        if not tiny:
+            numbers["params_match_spec"] = numbers["params_total"] == SPEC_TOTALS[target]
+        drift = json.loads((root / out / "drift.json").read_text())["metrics"]["spans"]["all"]
+        numbers["drift"] = {k: drift[k] for k in ("kl_mean", "top1_agreement", "max_abs_dlogit")}
+        results[f"{step} -> {target}"] = numbers
+        print(f"{step:<9} -> {target:<22} {numbers['seconds'] / 60:6.1f} min  peak RSS {numbers['peak_rss_gib']:5.2f} "
+              f"GiB  params {numbers['params_total']:,}  shapes ok {numbers['shapes_match_config']}")
+    return {"dtype": dtype, "tiny": tiny, "calibration_records": records, "steps": results,
+            "goal_peak_rss_le_16gib": max(r["peak_rss_gib"] for r in results.values()) <= 16}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="AdamW steps of the donor (batch 16)")
@@ -99,7 +188,21 @@ def main(argv=None):
     parser.add_argument("--fit", type=int, default=64, help="calibration records of the step-2 and step-3 fits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/upcycle_chain.json")
+    parser.add_argument("--real-shape", metavar="DIR", help="run the real-shape chain in DIR instead (see above)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of the streamed steps")
+    parser.add_argument("--tiny", action="store_true", help="--real-shape on the test miniature")
+    parser.add_argument("--records", type=int, default=8, help="--real-shape: calibration records of the drift")
+    parser.add_argument("--run-step", nargs="+", metavar=("CONFIG", "OVERRIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_step:
+        return run_one_step(args.run_step[0], args.run_step[1:])
+    if args.real_shape:
+        report = real_shape(Path(args.real_shape), args.dtype, args.tiny, args.records)
+        name = f"upcycle_chain_real_shape_{args.dtype}.json"
+        out = Path(args.real_shape) / name if args.tiny else Path(args.out).with_name(name)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"goal peak RSS <= 16 GiB: {report['goal_peak_rss_le_16gib']}; wrote {out}")
+        return
 
     t0 = time.time()
     renderer = HarmonyRenderer("medium")

@@ -151,3 +151,15 @@ def test_a_block_that_the_fit_cannot_improve_keeps_its_mapped_weights():
             for k, v in mapped.layers[layer].state_dict().items():
                 assert torch.equal(real.layers[layer].state_dict()[k], v)
     assert any(e["kept"] == "mapped" for e in report["blocks"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blockwise_fit_on_the_gpu_measures_what_the_cpu_does():
+    torch.manual_seed(0)
+    compat, mapped = _compat_and_mapped()
+    fit, held = _rows(4, 48, seed=1), _rows(2, 48, seed=2)
+    settings = blockfit.FitSettings(steps=5, lr=2e-3, rows_per_step=2)
+    cpu = blockfit.fit_blocks(compat, copy.deepcopy(mapped), fit, held, settings)
+    gpu = blockfit.fit_blocks(copy.deepcopy(compat).cuda(), copy.deepcopy(mapped).cuda(), fit, held, settings)
+    for a, b in zip(cpu["blocks"], gpu["blocks"]):
+        assert b["rel_err"]["mapped"] == pytest.approx(a["rel_err"]["mapped"], rel=1e-3)  # TF32-free fp32 kernels

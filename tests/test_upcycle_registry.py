@@ -119,3 +119,22 @@ def test_step_config_rejects_unknown_keys_and_steps(tmp_path):
     path.write_text('[upcycle]\nstep = "melt"\nsource = "a"\ntarget = "b"\ninput = "i"\noutput = "o"\n')
     with pytest.raises(UserError, match="must be one of"):
         load_upcycle_config(path)
+
+
+@pytest.mark.parametrize("step, overrides, match", [
+    ("morph", ["morph.method=blockwise"], "needs fit_data.dataset"),
+    ("granular", ["granular.fit_router=true", "upcycle.stream=false"], "needs fit_data.dataset"),
+    ("granular", ["granular.fit_router=true", "fit_data.dataset=x", "upcycle.stream=true"], "not with upcycle.stream"),
+    ("transplant", ["heal.config=heal_real"], "does not train"),
+    ("morph", ["morph.trainable=['tpa', 'norms']"], "unknown group 'norms'"),
+])
+def test_fit_heal_and_stream_settings_are_checked_when_the_config_loads(step, overrides, match):
+    with pytest.raises(UserError, match=match):
+        load_upcycle_config(ROOT / "configs" / "upcycle" / f"{step}.toml", overrides)
+
+
+def test_morph_is_block_wise_exactly_when_fit_data_is_given():
+    path = ROOT / "configs" / "upcycle" / "morph.toml"
+    assert not load_upcycle_config(path).blockwise_morph
+    assert load_upcycle_config(path, ["fit_data.dataset=data/datasets/calibration"]).blockwise_morph
+    assert not load_upcycle_config(path, ["fit_data.dataset=x", "morph.method=mapped"]).blockwise_morph

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vpmoe.model.attention import AttentionContext
 from vpmoe.model.naming import param_kind
-from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
 from vpmoe.model.transformer import Block, Transformer
 from vpmoe.upcycle import morph
 from vpmoe.upcycle.config import FIT_GROUPS
 from vpmoe.upcycle.drift import CalibrationRow
+from vpmoe.upcycle.stream import row_context
 
 TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
 
@@ -64,18 +63,7 @@ def trainable_names(block: Block, groups: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _contexts(model: Transformer, seq: int) -> AttentionContext:
-    """What Transformer.body builds for one unpacked row of `seq` tokens."""
-    position_ids = torch.arange(seq)[None]
-    ctx = AttentionContext(position_ids=position_ids, doc_ids=torch.zeros(1, seq, dtype=torch.long),
-                           token_index=torch.arange(seq), kernel="reference")
-    if not model.cfg.real:
-        a = model.cfg.attention
-        ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base))
-    return ctx
-
-
-def _run(block: Block, model: Transformer, x: torch.Tensor, ctx: AttentionContext, v_first) -> tuple:
+def _run(block: Block, model: Transformer, x: torch.Tensor, ctx, v_first) -> tuple:
     out, v, _ = block(x[None], ctx, model.kernels.experts, v_first=v_first)
     return out[0], v
 
@@ -96,9 +84,10 @@ def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[Calibratio
     """Fit every block of `real` (in place) to its compat block; returns the per-block report for drift.json."""
     rows = fit_rows + heldout_rows
     n_fit = len(fit_rows)
-    ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
-    compat_ctx = [_contexts(compat, x.shape[1]) for x in ids]
-    real_ctx = [_contexts(real, x.shape[1]) for x in ids]
+    device = compat.embed.weight.device  # both models on one device (morph.device)
+    ids = [torch.from_numpy(r.tokens.astype("int64"))[None].to(device) for r in rows]
+    compat_ctx = [row_context(compat.cfg, x.shape[1], device) for x in ids]
+    real_ctx = [row_context(real.cfg, x.shape[1], device) for x in ids]
     with torch.no_grad():
         xs = [compat.embed(x)[0] for x in ids]
     v_first = [None] * len(rows)
@@ -169,8 +158,8 @@ def whiten_q(block: Block, q_weight: torch.Tensor, xs, ridge: float) -> float:
     Gram matrix of the block's normed inputs `xs`; returns its relative error on those activations."""
     attn = block.attn
     normed = torch.cat([block.attn_norm(x) for x in xs]).double()
-    a_bias, b, err = morph.svd_heads_whitened(q_weight, attn.n_heads, attn.q_a.out_features // attn.n_heads,
-                                              normed.T @ normed, ridge)
+    a_bias, b, err = morph.svd_heads_whitened(q_weight.cpu(), attn.n_heads, attn.q_a.out_features // attn.n_heads,
+                                              (normed.T @ normed).cpu(), ridge)
     attn.q_a.weight.zero_()
     attn.q_a.bias.copy_(a_bias.flatten())
     attn.q_b.weight.copy_(b)

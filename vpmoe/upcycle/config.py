@@ -22,6 +22,7 @@ from typing import Literal
 from vpmoe import config as config_io
 
 STEPS = ("transplant", "surgery", "morph", "expand", "granular")
+STREAMED_STEPS = ("expand", "granular")
 # Parameter groups the block-wise morph may train (vpmoe.upcycle.blockfit.trainable_names says what each holds).
 FIT_GROUPS = ("tpa", "bias", "sink", "value_residual", "frequency", "global_qk")
 
@@ -36,6 +37,11 @@ class UpcycleSection:
     registry: str = "configs/upcycle/objects.toml"
     seed: int = 0
     overwrite: bool = False  # replace an existing output directory (only one written by `vpmoe upcycle`)
+    # Steps expand and granular (whose models are large) read, convert and write one layer at a time and measure
+    # drift block by block: never two full models in memory (vpmoe.upcycle.stream). Their weights are then written
+    # in `dtype`; the in-memory path writes fp32.
+    stream: bool = False
+    dtype: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -111,6 +117,7 @@ class MorphSection:
     lr: float = 1e-3
     rows_per_step: int = 4
     q_init: Literal["whitened", "svd"] = "whitened"  # TPA Q of local layers: activation-aware SVD or the mapping's
+    device: Literal["cpu", "cuda"] = "cpu"  # where the block-wise fit runs (both 28-layer models fit on one GPU)
     trainable: list[str] = field(default_factory=lambda: list(FIT_GROUPS))
 
     def validate(self) -> None:
@@ -168,6 +175,13 @@ class UpcycleConfig:
     heal: HealSection = field(default_factory=HealSection)
 
     def validate(self) -> None:
+        u = self.upcycle
+        if u.stream and u.step not in STREAMED_STEPS:
+            raise ValueError(f"upcycle.stream covers steps {list(STREAMED_STEPS)}; step {u.step!r} converts in memory")
+        if u.dtype != "fp32" and not u.stream:
+            raise ValueError("upcycle.dtype other than fp32 needs upcycle.stream = true")
+        if u.stream and self.granular.fit_router:
+            raise ValueError("granular.fit_router needs the dense and the MoE model in memory: not with upcycle.stream")
         if self.heal.config and self.upcycle.step == "transplant":
             raise ValueError("heal: the transplant writes a Hugging Face model, which `vpmoe train` does not train")
         if self.morph.method == "blockwise" and not self.fit_data.dataset:

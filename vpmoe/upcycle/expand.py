@@ -13,11 +13,14 @@ compute; the original layers see the same inputs and the same v_first, so the lo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from vpmoe.errors import UserError
 from vpmoe.model.config import ModelConfig, model_config_to_dict
 from vpmoe.model.transformer import Transformer, build_model
+from vpmoe.upcycle.stream import layer_names
 
 
 def layer_mapping(n_src: int, n_tgt: int, every: int) -> tuple[list[int], list[int | None]]:
@@ -62,36 +65,46 @@ def check_geometry(source: ModelConfig, target: ModelConfig) -> None:
 
 @torch.no_grad()
 def convert(source: Transformer, cfg: ModelConfig) -> tuple[Transformer, dict]:
-    check_geometry(source.cfg, cfg)
-    copy_of, original = layer_mapping(source.cfg.model.n_layers, cfg.model.n_layers, cfg.attention.global_every)
-    for t, s in enumerate(copy_of):
-        if source.cfg.layer_kind(s) != cfg.layer_kind(t):
-            raise AssertionError(f"layer kinds differ at target {t} <- source {s}")
-    model = build_model(cfg)
+    """The expanded model of a `source` held in memory (`target_tensors` streams the same tensors)."""
+    model = build_model(cfg, init=False)
     src = source.state_dict()
     sd = model.state_dict()
-    for name in ("embed.weight", "head.weight", "final_norm.weight"):
-        sd[name].copy_(src[name])
+    details: dict = {}
+    for name, tensor in target_tensors(source.cfg, cfg, lambda names: {n: src[n] for n in names}, details):
+        sd[name].copy_(tensor)
+    return model, details
+
+
+def target_tensors(source_cfg: ModelConfig, cfg: ModelConfig, read,
+                   details: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the expanded model, layer by layer; `read(names)` gives the source's tensors by name (from
+    memory or from disk; a source layer is read again for every target layer that copies it). `details` is filled
+    with the step's record once the last layer is out."""
+    check_geometry(source_cfg, cfg)
+    copy_of, original = layer_mapping(source_cfg.model.n_layers, cfg.model.n_layers, cfg.attention.global_every)
+    for t, s in enumerate(copy_of):
+        if source_cfg.layer_kind(s) != cfg.layer_kind(t):
+            raise AssertionError(f"layer kinds differ at target {t} <- source {s}")
+    yield from read(["embed.weight"]).items()
     zeroed = ("attn.o_proj.weight", "attn.o_proj.bias", "mlp.down.weight", "mlp.down.bias")
     for t, s in enumerate(copy_of):
         prefix_t, prefix_s = f"layers.{t}.", f"layers.{s}."
-        for name, tensor in sd.items():
-            if not name.startswith(prefix_t):
-                continue
+        src = read(layer_names(source_cfg, s))
+        for name in layer_names(cfg, t):
             leaf = name[len(prefix_t):]
             if original[t] is None and leaf in zeroed:
-                tensor.zero_()
+                yield name, torch.zeros_like(src[prefix_s + leaf])
             elif leaf == "value_residual_logit" and s == 0:
                 # Layer 0 makes v_first and has no logit; a new layer copying it takes layer 1's.
-                tensor.copy_(src["layers.1.value_residual_logit"])
+                yield name, read(["layers.1.value_residual_logit"])["layers.1.value_residual_logit"]
             else:
-                tensor.copy_(src[prefix_s + leaf])
-    details = {
-        "source_layers": source.cfg.model.n_layers,
+                yield name, src[prefix_s + leaf]
+    yield from read(["final_norm.weight", "head.weight"]).items()
+    details.update({
+        "source_layers": source_cfg.model.n_layers,
         "target_layers": cfg.model.n_layers,
         "copy_of": copy_of,
         "original": original,
         "new_layers": [t for t in range(cfg.model.n_layers) if original[t] is None],
         "identity_rule": "new layers: attn.o_proj and mlp.down weights and biases zero",
-    }
-    return model, details
+    })

@@ -24,11 +24,14 @@ seed; the scale and the drift it causes are recorded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from vpmoe.errors import UserError
 from vpmoe.model.config import ModelConfig, model_config_to_dict
 from vpmoe.model.transformer import Transformer, build_model
+from vpmoe.upcycle.stream import layer_names
 
 
 def check_geometry(source: ModelConfig, target: ModelConfig) -> int:
@@ -60,20 +63,36 @@ def check_geometry(source: ModelConfig, target: ModelConfig) -> int:
 @torch.no_grad()
 def convert(source: Transformer, cfg: ModelConfig, seed: int = 0, router_std: float = 0.02,
             noise: float = 0.0) -> tuple[Transformer, dict]:
-    g = check_geometry(source.cfg, cfg)
+    """The MoE model of a dense `source` held in memory (`target_tensors` streams the same tensors)."""
+    model = build_model(cfg, init=False)
+    src = source.state_dict()
+    sd = model.state_dict()
+    details: dict = {}
+    for name, tensor in target_tensors(source.cfg, cfg, lambda names: {n: src[n] for n in names}, seed, router_std,
+                                       noise, details):
+        sd[name].copy_(tensor)
+    return model, details
+
+
+def target_tensors(source_cfg: ModelConfig, cfg: ModelConfig, read, seed: int, router_std: float, noise: float,
+                   details: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the MoE model, layer by layer; `read(names)` gives the dense source's tensors by name (from
+    memory or from disk). `details` is filled with the step's record once the last layer is out."""
+    g = check_geometry(source_cfg, cfg)
     m = cfg.moe
     w = m.expert_width
     gen = torch.Generator().manual_seed(seed)
-    model = build_model(cfg)
-    src = source.state_dict()
-    sd = model.state_dict()
-    for name, tensor in sd.items():  # everything but the MoE FFNs is copied as is
-        if ".mlp." not in name or not model.cfg.is_moe_layer(int(name.split(".")[1])):
-            tensor.copy_(src[name])
+    yield from read(["embed.weight"]).items()
     noise_std = {}
     slices = torch.arange(m.n_experts) % g
-    for layer in cfg.moe_layers:
-        p = f"layers.{layer}.mlp."
+    for layer in range(cfg.model.n_layers):
+        p = f"layers.{layer}."
+        src = read(layer_names(source_cfg, layer))
+        if not cfg.is_moe_layer(layer):  # dense layers are copied as they are
+            yield from src.items()
+            continue
+        yield from ((n, t) for n, t in src.items() if ".mlp." not in n)
+        p += "mlp."
         up, up_b = src[p + "up.weight"], src[p + "up.bias"]
         down, down_b = src[p + "down.weight"], src[p + "down.bias"]
         up_slices = up.view(g, w, -1)  # [G, w, D]
@@ -85,18 +104,19 @@ def convert(source: Transformer, cfg: ModelConfig, seed: int = 0, router_std: fl
             experts_up += torch.randn(experts_up.shape, generator=gen) * (noise * up_std)
             experts_down += torch.randn(experts_down.shape, generator=gen) * (noise * down_std * g / m.scaling_factor)
             noise_std[str(layer)] = {"up": noise * up_std, "down": noise * down_std * g / m.scaling_factor}
-        sd[p + "experts.up"].copy_(experts_up)
-        sd[p + "experts.down"].copy_(experts_down)
-        sd[p + "experts.up_bias"].copy_(up_b.view(g, w)[slices])
-        sd[p + "experts.down_bias"].zero_()
         rows = torch.randn(m.n_experts // g, cfg.model.hidden_size, generator=gen) * router_std
-        sd[p + "router.weight"].copy_(rows.repeat_interleave(g, dim=0))
-        sd[p + "router.expert_bias"].zero_()
-        sd[p + "shared.up.weight"].copy_(up)
-        sd[p + "shared.up.bias"].copy_(up_b)
-        sd[p + "shared.down.weight"].zero_()
-        sd[p + "shared.down.bias"].copy_(down_b)
-    details = {
+        yield p + "shared.up.weight", up
+        yield p + "shared.up.bias", up_b
+        yield p + "shared.down.weight", torch.zeros_like(down)
+        yield p + "shared.down.bias", down_b
+        yield p + "experts.up", experts_up
+        yield p + "experts.down", experts_down
+        yield p + "experts.up_bias", up_b.view(g, w)[slices]
+        yield p + "experts.down_bias", torch.zeros(m.n_experts, down.shape[0])
+        yield p + "router.weight", rows.repeat_interleave(g, dim=0)
+        yield p + "router.expert_bias", torch.zeros(m.n_experts)
+    yield from read(["final_norm.weight", "head.weight"]).items()
+    details.update({
         "slices": g,
         "virtual_groups": m.n_experts // g,
         "expert_slice": "expert j gets slice j mod G",
@@ -106,8 +126,7 @@ def convert(source: Transformer, cfg: ModelConfig, seed: int = 0, router_std: fl
         "noise_std": noise_std,
         "shared_expert": "up = dense up; down weight 0; down bias = dense down bias",
         "moe_layers": cfg.moe_layers,
-    }
-    return model, details
+    })
 
 
 @torch.no_grad()
@@ -115,23 +134,28 @@ def router_margins(model: Transformer, rows, g: int, tol: float = 1e-6) -> dict:
     """On the calibration rows: per MoE layer, the smallest gap between the best and second-best virtual group's
     score, and the tokens whose gap is below `tol` (where the construction may stop being exact)."""
     gaps: dict[int, list[torch.Tensor]] = {layer: [] for layer in model.moe_layers}
-    hooks = []
-    for layer in model.moe_layers:
-        router = model.layers[layer].mlp.router
-
-        def hook(mod, args, layer=layer):
-            x = args[0].float()
-            scores = torch.sigmoid(x @ mod.weight[::g].float().T) + mod.expert_bias[::g]
-            top2 = scores.topk(2, dim=-1).values
-            gaps[layer].append(top2[:, 0] - top2[:, 1])
-
-        hooks.append(router.register_forward_pre_hook(hook))
+    hooks = [gap_hook(model.layers[layer].mlp.router, gaps[layer], g) for layer in model.moe_layers]
     try:
         for row in rows:
             model(torch.from_numpy(row.tokens.astype("int64"))[None])
     finally:
         for h in hooks:
             h.remove()
+    return margins(gaps, tol)
+
+
+def gap_hook(router, gaps: list, g: int):
+    """Record, for every token the router sees, the gap between its two best virtual groups' selection scores."""
+    def hook(mod, args):
+        x = args[0].float()
+        scores = torch.sigmoid(x @ mod.weight[::g].float().T) + mod.expert_bias[::g]
+        top2 = scores.topk(2, dim=-1).values
+        gaps.append(top2[:, 0] - top2[:, 1])
+
+    return router.register_forward_pre_hook(hook)
+
+
+def margins(gaps: dict[int, list[torch.Tensor]], tol: float = 1e-6) -> dict:
     all_gaps = {layer: torch.cat(v) for layer, v in gaps.items()}
     return {
         "min_gap": min(float(v.min()) for v in all_gaps.values()) if all_gaps else None,
@@ -179,7 +203,8 @@ def fit_router(dense: Transformer, model: Transformer, fit_rows, heldout_rows, g
     return {"steps": steps, "lr": lr, "fit_tokens": int(sum(len(r.tokens) for r in fit_rows)),
             "heldout_tokens": int(sum(len(r.tokens) for r in heldout_rows)), "layers": layers,
             "note": "moe_vs_dense_rel_err = |moe(x) - dense_ffn(x)| / |dense_ffn(x)| on held-out rows, x the dense "
-                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends with"}
+                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends "
+                    "with"}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Checkpoint objects on disk: identity (weights hash), provenance, and the checks a step makes on its input.
 
-A vpmoe object is `model.safetensors` + `config.json` + `provenance.json` + `drift.json`; a Hugging Face object is
-its directory (config, weights, tokenizer) plus, when made by a step, the same two records.
+A vpmoe object is `model.safetensors` (or shards + their index) + `config.json` + `provenance.json` + `drift.json`;
+a Hugging Face object is its directory (config, weights, tokenizer) plus, when made by a step, the same two records.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from vpmoe.errors import UserError
 from vpmoe.model.config import model_config_to_dict
 from vpmoe.artifacts.models import model_config as load_config
-from vpmoe.artifacts.weights import WEIGHTS_FILE
+from vpmoe.artifacts.weights import INDEX_FILE, WEIGHTS_FILE, has_weights
 from vpmoe.provenance import file_sha256
 from vpmoe.upcycle import hf
 from vpmoe.upcycle.registry import ObjectEntry
@@ -51,8 +51,8 @@ def check_input(directory: str | Path, entry: ObjectEntry) -> dict:
     if entry.kind == "hf":
         hf.check_facts(directory, entry.hf, entry.name)
     else:
-        if not (directory / WEIGHTS_FILE).is_file():
-            raise UserError(f"{directory}: no {WEIGHTS_FILE} (not a vpmoe checkpoint object)")
+        if not has_weights(directory):
+            raise UserError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE} (not a vpmoe checkpoint object)")
         got, want = model_config_to_dict(load_config(directory)), model_config_to_dict(entry.model_config())
         if got != want:
             key = _first_difference(got, want)

@@ -7,7 +7,8 @@
    transplant) and measures drift on the fixed calibration batch.
 4. Optionally heal: a short `vpmoe train` stage on the new object ([heal]), measured again (drift.json "healing":
    held-out loss and top-1 agreement with the source after the conversion and after healing).
-5. Write drift.json (its metrics are the final object's) and provenance.json, check the result against the target's entry, then move it into place.
+5. Write drift.json (its metrics are the final object's) and provenance.json, check the result against the
+   target's entry, then move it into place.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
     healing = None
     if cfg.heal.config:
         healed, details["healing"] = heal.heal(cfg, staging, target.model_config())
-        healed_report = drift.drift_report(result.source, drift.vpmoe_logits(healed), rows)
+        healed_report = drift.drift_report(result.source(), drift.vpmoe_logits(healed), rows)
         healing = {**details["healing"], "after_conversion": drift.brief(report),
                    "after_healing": drift.brief(healed_report)}
         report = healed_report

@@ -8,15 +8,18 @@ drift.json repeats beside the drift they cause; `summary` is the one line printe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from tqdm import tqdm
 
 from vpmoe.artifacts.models import load_model, save_model
 from vpmoe.errors import UserError
 from vpmoe.provenance import portable_name
-from vpmoe.upcycle import blockfit, drift, expand, granular, hf, morph, objects, surgery, transplant
+from vpmoe.upcycle import blockfit, drift, expand, granular, hf, morph, objects, stream, surgery, transplant
 from vpmoe.upcycle.config import UpcycleConfig
 from vpmoe.upcycle.drift import CalibrationRow
 from vpmoe.upcycle.registry import Registry
@@ -34,7 +37,8 @@ class StepContext:
 class StepOutput:
     details: dict  # the step's own record (provenance "details")
     report: dict  # drift of the result from its source on the calibration batch
-    source: drift.LogitsFn | None = None  # the source's logits (vpmoe results: healing measures again with it)
+    # A fresh logits function of the source (vpmoe results: healing measures the healed object with it).
+    source: Callable[[], drift.LogitsFn] | None = None
 
 
 class Transplant:
@@ -74,7 +78,7 @@ class _VpmoeStep:
         source_fn, result, details = self.convert(ctx, target_cfg)
         report = drift.drift_report(source_fn, drift.vpmoe_logits(result), ctx.rows)
         save_model(result, ctx.staging)
-        return StepOutput(details, report, source_fn)
+        return StepOutput(details, report, lambda: source_fn)
 
     def convert(self, ctx: StepContext, target_cfg):
         """(the source's logits function, the result model, details)."""
@@ -94,8 +98,11 @@ class Surgery(_VpmoeStep):
         if s.method == "fit":
             fit_rows = drift.calibration_rows(ctx.cfg.calibration, records=s.fit_records, seed=s.fit_seed,
                                               prefix="fit")
-        result, details = surgery.convert(hf.load_state(u.input), hf.facts(u.input), target_cfg, s.method,
-                                          donor=donor, fit_rows=fit_rows, ridge=s.ridge)
+        facts = hf.facts(u.input)
+        # the donor model's own tensors (one copy of the donor in memory); a head the files do not hold is tied
+        state = {k: v.detach() for k, v in donor.state_dict().items() if k != hf.HEAD or facts["head_rows"]}
+        result, details = surgery.convert(state, facts, target_cfg, s.method, donor=donor, fit_rows=fit_rows,
+                                          ridge=s.ridge)
         return drift.hf_logits(donor), result, details
 
 
@@ -112,15 +119,54 @@ class Morph(_VpmoeStep):
             fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
             settings = blockfit.FitSettings(steps=m.steps, lr=m.lr, rows_per_step=m.rows_per_step, q_init=m.q_init,
                                             trainable=tuple(m.trainable))
+            if m.device == "cuda" and not torch.cuda.is_available():
+                raise UserError("morph.device = \"cuda\" but no CUDA device is available")
+            source.to(m.device)
+            result.to(m.device)
             with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
                 details["blockwise"] = blockfit.fit_blocks(source, result, fit_rows, heldout_rows, settings,
                                                            progress=lambda layer, entry: bar.update())
+            source.to("cpu")
+            result.to("cpu")
             details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
         return drift.vpmoe_logits(source), result, details
 
 
-class Expand(_VpmoeStep):
+class _StreamedStep(_VpmoeStep):
+    """With upcycle.stream: the step's `target_tensors` run from disk to disk, and drift is measured block by block."""
+
+    def run(self, ctx: StepContext) -> StepOutput:
+        if not ctx.cfg.upcycle.stream:
+            return super().run(ctx)
+        target_cfg = ctx.registry.get(ctx.cfg.upcycle.target).model_config()
+        _check_vocab(target_cfg.model.vocab_size, ctx.rows)
+        reader = stream.Reader(ctx.cfg.upcycle.input)
+        details: dict = {}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ctx.cfg.upcycle.dtype]
+        stream.write_streamed(ctx.staging, target_cfg, self.target_tensors(ctx, reader, target_cfg, details), dtype)
+        result = stream.Reader(ctx.staging)
+        report = drift.drift_report(stream.streamed_logits(reader, ctx.rows),
+                                    stream.streamed_logits(result, ctx.rows, self.hook(details)), ctx.rows)
+        self.finish(details)
+        details["streamed"] = {"dtype": ctx.cfg.upcycle.dtype}
+        return StepOutput(details, report, lambda: stream.streamed_logits(reader, ctx.rows))
+
+    def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
+        raise NotImplementedError
+
+    def hook(self, details: dict):
+        """`on_block` of the result's streamed forward (None: nothing to record)."""
+        return None
+
+    def finish(self, details: dict) -> None:
+        """Complete the details from what the streamed forward recorded."""
+
+
+class Expand(_StreamedStep):
     numbers = ("new_layers",)
+
+    def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
+        return expand.target_tensors(reader.cfg, target_cfg, reader, details)
 
     def convert(self, ctx: StepContext, target_cfg):
         source = load_model(ctx.cfg.upcycle.input)
@@ -128,8 +174,27 @@ class Expand(_VpmoeStep):
         return drift.vpmoe_logits(source), result, details
 
 
-class Granular(_VpmoeStep):
+class Granular(_StreamedStep):
     numbers = ("noise", "noise_std", "router_std", "router_margins", "router_fit")
+
+    def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
+        g = ctx.cfg.granular
+        details["_gaps"] = {}
+        return granular.target_tensors(reader.cfg, target_cfg, reader, ctx.cfg.upcycle.seed, g.router_std, g.noise,
+                                       details)
+
+    def hook(self, details: dict):
+        gaps = details["_gaps"]
+
+        def on_block(layer, block):
+            if hasattr(block.mlp, "router"):
+                gaps[layer] = []
+                granular.gap_hook(block.mlp.router, gaps[layer], details["slices"])
+
+        return on_block
+
+    def finish(self, details: dict) -> None:
+        details["router_margins"] = granular.margins(details.pop("_gaps"))
 
     def convert(self, ctx: StepContext, target_cfg):
         u, g = ctx.cfg.upcycle, ctx.cfg.granular

@@ -1,0 +1,151 @@
+"""Streamed conversions (steps 4 and 5 from disk to disk, one layer at a time): the same tensors as the in-memory
+steps, drift measured block by block, and memory bounded by a layer, not by the model."""
+
+import json
+import shutil
+import weakref
+
+import pytest
+import torch
+
+from vpmoe.artifacts import weights
+from vpmoe.artifacts.models import load_model, save_model
+from vpmoe.model.transformer import build_model
+from vpmoe.testing import upcycle as testing
+from vpmoe.testing.models import model_config
+from vpmoe.upcycle import expand, granular, stream
+from vpmoe.upcycle.config import load_upcycle_config
+from vpmoe.upcycle.drift import CalibrationSection, calibration_rows, drift_report, vpmoe_logits
+from vpmoe.upcycle.run import upcycle
+
+
+def _random_dense(layers=8, vocab=64):
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny_dense", f"model.vocab_size={vocab}", f"model.n_layers={layers}"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # biases, sinks, logits, frequencies all nonzero
+    return model
+
+
+@pytest.mark.parametrize("step", ["expand", "granular"])
+def test_streamed_step_writes_the_in_memory_tensors_bitwise(tmp_path, step):
+    source = _random_dense(layers=4)
+    save_model(source, tmp_path / "src")
+    if step == "expand":
+        cfg = model_config("tiny_dense", "model.vocab_size=64", "model.n_layers=12")
+        want, _ = expand.convert(source, cfg)
+        tensors = lambda reader, details: expand.target_tensors(reader.cfg, cfg, reader, details)  # noqa: E731
+    else:
+        cfg = model_config("tiny_moe", "model.vocab_size=64", "model.n_layers=4", "moe.n_experts=64")
+        want, _ = granular.convert(source, cfg, seed=3, noise=0.1)
+        tensors = lambda reader, details: granular.target_tensors(  # noqa: E731
+            reader.cfg, cfg, reader, 3, 0.02, 0.1, details)
+    reader = stream.Reader(tmp_path / "src")
+    details = {}
+    stream.write_streamed(tmp_path / "out", cfg, tensors(reader, details), shard_bytes=1 << 16)
+    assert (tmp_path / "out" / weights.INDEX_FILE).is_file()  # sharded
+    got = load_model(tmp_path / "out").state_dict()
+    assert set(got) == set(want.state_dict())
+    assert all(torch.equal(got[k], t) for k, t in want.state_dict().items())
+    assert details["target_layers" if step == "expand" else "slices"]
+
+
+def test_streamed_forward_gives_the_models_logits(tmp_path):
+    model = _random_dense(layers=8, vocab=201088)
+    save_model(model, tmp_path / "m")
+    rows = calibration_rows(CalibrationSection(records=2, seq_len=200))
+    want = vpmoe_logits(model)
+    got = stream.streamed_logits(stream.Reader(tmp_path / "m"), rows)
+    for row in rows:
+        ids = torch.from_numpy(row.tokens.astype("int64"))
+        torch.testing.assert_close(got(ids), want(ids), rtol=0, atol=1e-5)  # same kernels, other matmul shapes
+
+
+def test_streamed_conversion_holds_a_layer_not_the_model(tmp_path):
+    """Every tensor read from the source or made by the step is tracked until it is freed: the peak of live bytes
+    stays near one layer plus one shard, far below the model."""
+    source = _random_dense(layers=24)
+    save_model(source, tmp_path / "src")
+    cfg = model_config("tiny_moe", "model.vocab_size=64", "model.n_layers=24", "moe.n_experts=64")
+    live, peak = [0], [0]
+
+    def track(tensor):  # a tensor tracked twice (read, then yielded as it is) counts twice: an upper bound
+        nbytes = tensor.numel() * tensor.element_size()
+        live[0] += nbytes
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - nbytes))
+        return tensor
+
+    reader = stream.Reader(tmp_path / "src")
+    read = lambda names: {n: track(t) for n, t in reader(names).items()}  # noqa: E731
+    tensors = ((n, track(t)) for n, t in granular.target_tensors(source.cfg, cfg, read, 0, 0.02, 0.0, {}))
+    layer_bytes = sum(t.numel() * 4 for n, t in build_model(cfg).state_dict().items() if n.startswith("layers.5."))
+    total = sum(t.numel() * 4 for t in build_model(cfg).state_dict().values())
+    shard = 2 * layer_bytes
+    stream.write_streamed(tmp_path / "out", cfg, tensors, shard_bytes=shard)
+    assert total > 20 * layer_bytes
+    assert peak[0] <= shard + 3 * layer_bytes, (peak[0], layer_bytes, total)
+    assert live[0] == 0  # everything freed at the end
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream_chain")
+    testing.save_qwen3(root / "donor", seed=0)
+    (root / "objects.toml").write_text(testing.registry_text())
+    steps = [("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "donor", "compat"),
+             ("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real"),
+             ("expand", "vpDense0-5_28.real", "vpDense", "real", "dense"),
+             ("granular", "vpDense", "vpMoE", "dense", "moe")]
+    for step, source, target, inp, out in steps:
+        for streamed in (False, True) if step in ("expand", "granular") else (False,):
+            name = out + ("_streamed" if streamed else "")
+            path = root / f"{name}.toml"
+            path.write_text(testing.step_config_text(step, source, target, root / inp, root / name,
+                                                     root / "objects.toml", records=2))
+            overrides = ["upcycle.stream=true"] if streamed else []
+            upcycle(load_upcycle_config(path, overrides))
+    return root
+
+
+@pytest.mark.parametrize("out", ["dense", "moe"])
+def test_streamed_chain_steps_match_the_in_memory_ones(chain, out):
+    memory, streamed = chain / out, chain / f"{out}_streamed"
+    assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
+    a, b = (json.loads((d / "drift.json").read_text()) for d in (memory, streamed))
+    for key in ("kl_mean", "top1_agreement", "max_abs_dlogit", "result_nll"):
+        assert b["metrics"]["spans"]["all"][key] == pytest.approx(a["metrics"]["spans"]["all"][key], abs=1e-5)
+    if out == "moe":
+        assert b["step_numbers"]["router_margins"]["router_near_ties"] == 0
+        assert b["step_numbers"]["router_margins"]["min_gap"] == pytest.approx(
+            a["step_numbers"]["router_margins"]["min_gap"], rel=1e-4)
+
+
+def test_streamed_bf16_weights_load_and_stay_close(chain, tmp_path):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    shutil.copytree(chain / "dense", tmp_path / "dense")
+    path = tmp_path / "g.toml"
+    path.write_text(testing.step_config_text("granular", "vpDense", "vpMoE", tmp_path / "dense", tmp_path / "moe",
+                                             tmp_path / "objects.toml", records=1))
+    out, _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true", "upcycle.dtype=bf16"]))
+    assert {str(t.dtype) for _, t in weights.iter_tensors(out)} == {"torch.bfloat16", "torch.float32"}
+    fp32 = {n for n, t in weights.iter_tensors(out) if t.dtype == torch.float32}
+    assert fp32 and all(n.endswith(("grape_log_freq", "expert_bias")) for n in fp32)
+    moe = load_model(out)
+    assert json.loads((out / "provenance.json").read_text())["details"]["streamed"] == {"dtype": "bf16"}
+    rows = calibration_rows(CalibrationSection(records=1))
+    report = drift_report(vpmoe_logits(load_model(chain / "dense")), vpmoe_logits(moe), rows)
+    assert report["spans"]["all"]["top1_agreement"] > 0.9  # bf16 rounding of the weights only
+
+
+def test_stream_is_refused_where_it_does_not_apply(tmp_path):
+    from vpmoe.errors import UserError
+
+    path = tmp_path / "m.toml"
+    path.write_text(testing.step_config_text("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", tmp_path,
+                                             tmp_path / "o", tmp_path / "objects.toml"))
+    with pytest.raises(UserError, match="stream covers steps"):
+        load_upcycle_config(path, ["upcycle.stream=true"])
+    with pytest.raises(UserError, match="needs upcycle.stream"):
+        load_upcycle_config(path, ["upcycle.dtype=bf16"])
