@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--teacher-layers", type=int, default=12, help="24 is the full 20B shape (39 GiB)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--kl-chunk-tokens", type=int, default=512)
+    parser.add_argument("--kl-chunk-tokens", type=int, default=256)
     parser.add_argument("--loss-tokens", type=int, default=8192)
     parser.add_argument("--attn-implementation", default="eager", help="the teacher's (transformers)")
     parser.add_argument("--experts-implementation", help="the teacher's (transformers; e.g. grouped_mm)")

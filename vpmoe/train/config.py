@@ -101,7 +101,9 @@ class DistillSection:
     kl: float = 0.5  # T^2 * KL(teacher || student) over the whole vocabulary, both at `temperature`
     hidden: float = 0.25  # mean over layer pairs of 1 - cos(W h_student, h_teacher)
     temperature: float = 1.0
-    kl_chunk_tokens: int = 512  # positions per chunk of the head losses (a few [chunk, vocab] fp32 buffers live)
+    # positions per chunk of the head losses (a few [chunk, vocab] fp32 buffers live). 256 keeps the loss side under
+    # 2 GiB at 8,192 tokens per micro-batch (H200: 1.84 GiB; 512: 2.51 GiB, ~10% faster)
+    kl_chunk_tokens: int = 256
     # "auto": 5 student blocks at even fractional depths (the last one included) mapped to the teacher's
     # round((i + 1) * L_t / L_s) - 1; or [[student_block, teacher_block], ...], 0-based block outputs
     layer_pairs: str | list[list[int]] = "auto"
