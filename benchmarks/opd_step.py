@@ -151,7 +151,7 @@ def run(args, root: Path) -> dict:
         "student": f"{student_cfg.model.name} ({student_cfg.model.n_layers} layers)",
         "teacher": f"{teacher_cfg.model.name} ({teacher_cfg.model.n_layers} layers)",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-        "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new, "sampler": cfg.opd.sampler,
+        "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new, "sampler": cfg.opd_section.sampler,
         "train_rows": args.train_rows,
         "length_mean": rollouts["length"].get("mean"),
         "step_s": {"total": total, "sampling": sampling, "teacher_scoring": teacher_s, "training": training,

@@ -1,6 +1,30 @@
+import shutil
+
 import pytest
 
 from vpmoe.data import synthetic
+
+# Disks on CI machines can be small and the tiny models are ~100 MB each (the o200k head): passing tests' tmp_path
+# directories go (tmp_path_retention_policy in pyproject.toml), and so do a module fixture's directories when its
+# module ends. Session fixtures keep theirs.
+_module_dirs: dict[int, list] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope != "module" or "tmp_path_factory" not in fixturedef.argnames:
+        return (yield)
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    before = set(base.iterdir())
+    try:
+        return (yield)
+    finally:
+        _module_dirs.setdefault(id(fixturedef), []).extend(set(base.iterdir()) - before)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    for path in _module_dirs.pop(id(fixturedef), []):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

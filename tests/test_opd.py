@@ -31,6 +31,7 @@ from vpmoe.errors import RunError, UserError
 from vpmoe.model import build_model, load_model_config
 from vpmoe.train import rollouts
 from vpmoe.train.config import load_train_config
+from vpmoe.train.opd_config import OpdSection
 from vpmoe.train.curriculum import EFFORTS, Curriculum, CurriculumSection
 from vpmoe.train.trainer import train
 
@@ -406,6 +407,15 @@ def test_config_refusals(tmp_path, prompts, student_init):
         config_io.replace(load_train_config("tiny_opd"), {"teacher": None})
     with pytest.raises(UserError, match="opd.samples_per_prompt"):
         opd_config(tmp_path, prompts, student_init, opd__samples_per_prompt=0)
+    with pytest.raises(UserError, match="loss.ce does not apply"):  # not silently ignored
+        opd_config(tmp_path, prompts, student_init, loss__ce=0.5)
+    ce_stage = {"train.stage": "ce", "teacher": None}
+    with pytest.raises(UserError, match=r"\[opd\] is for"):
+        config_io.replace(load_train_config("tiny_opd"), ce_stage)
+    with pytest.raises(UserError, match=r"\[curriculum\] is for"):
+        config_io.replace(load_train_config("tiny_opd"), {**ce_stage, "opd": None})
+    plain = config_io.replace(load_train_config("tiny_opd"), {"opd": None, "curriculum": None})
+    assert plain.opd_section == OpdSection() and plain.curriculum_section == CurriculumSection()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: bf16, fast kernels, graph-captured sampler")

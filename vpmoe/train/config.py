@@ -183,8 +183,8 @@ class TrainConfig:
     data: DataRef
     train: TrainSection
     checkpoint: CheckpointSection
-    opd: OpdSection = field(default_factory=OpdSection)  # stage opd
-    curriculum: CurriculumSection = field(default_factory=CurriculumSection)  # stage opd: efforts, lengths per step
+    opd: OpdSection | None = None  # stage opd (defaults when left out)
+    curriculum: CurriculumSection | None = None  # stage opd: efforts and lengths per step (defaults when left out)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -192,6 +192,18 @@ class TrainConfig:
     teacher: OnlineTeacherSection | None = None  # the in-the-loop teacher of kd_online / opd
     distill: DistillSection | None = None  # kd_online's loss mix (defaults when left out)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    @property
+    def distill_section(self) -> DistillSection:
+        return self.distill or DistillSection()
+
+    @property
+    def opd_section(self) -> OpdSection:
+        return self.opd or OpdSection()
+
+    @property
+    def curriculum_section(self) -> CurriculumSection:
+        return self.curriculum or CurriculumSection()
 
     def validate(self) -> None:
         online = self.train.stage in ONLINE_TEACHER_STAGES
@@ -201,17 +213,20 @@ class TrainConfig:
         if self.teacher is not None and not online:
             raise ValueError(f"[teacher] is for the stages with a teacher in the loop {list(ONLINE_TEACHER_STAGES)}, "
                              f"not train.stage = \"{self.train.stage}\"")
-        if self.distill is not None and self.train.stage != "kd_online":
-            raise ValueError(f"[distill] is for train.stage = \"kd_online\", not \"{self.train.stage}\"")
-        if self.train.stage == "kd_online":
-            if self.train.compile == "cudagraphs":
-                raise ValueError('train.stage = "kd_online" reads block outputs with hooks, which CUDA-graph replays '
-                                 'overwrite: use train.compile = "on"')
+        for section, stage in (("distill", "kd_online"), ("opd", "opd"), ("curriculum", "opd")):
+            if getattr(self, section) is not None and self.train.stage != stage:
+                raise ValueError(f"[{section}] is for train.stage = \"{stage}\", not \"{self.train.stage}\"")
+        if self.train.stage == "kd_online" and self.train.compile == "cudagraphs":
+            raise ValueError('train.stage = "kd_online" reads block outputs with hooks, which CUDA-graph replays '
+                             'overwrite: use train.compile = "on"')
+        if online:
             defaults = LossSection()
             moved = [k for k in ("ce", "temperature") if getattr(self.loss, k) != getattr(defaults, k)]
             if moved:
-                raise ValueError(f"kd_online takes its weights and temperature from [distill]: set distill.{moved[0]} "
-                                 f"instead of loss.{moved[0]} (loss.span_weights still applies)")
+                where = (f"set distill.{moved[0]} instead" if self.train.stage == "kd_online"
+                         else "its loss is set in [opd]")
+                raise ValueError(f"loss.{moved[0]} does not apply to train.stage = \"{self.train.stage}\": {where} "
+                                 f"(loss.span_weights still applies)")
         needs_teacher = self.loss.kd > 0 or self.loss.confidence_ce > 0
         if needs_teacher and self.train.stage != "kd_offline":
             raise ValueError("loss.kd and loss.confidence_ce need a teacher: set train.stage = \"kd_offline\"")
@@ -221,10 +236,10 @@ class TrainConfig:
             raise ValueError("train.compile = \"cudagraphs\" does not combine with train.activation_checkpointing "
                              "(a recomputed block would replay its graph inside the backward): use compile = \"on\"")
         if self.train.stage == "opd":
-            lengths = self.curriculum.max_new_tokens
-            if lengths and max(lengths) > self.opd.max_new_tokens:
+            lengths, capacity = self.curriculum_section.max_new_tokens, self.opd_section.max_new_tokens
+            if lengths and max(lengths) > capacity:
                 raise ValueError(f"curriculum.max_new_tokens reaches {max(lengths)}, above opd.max_new_tokens "
-                                 f"({self.opd.max_new_tokens}, the sampler's capacity)")
+                                 f"({capacity}, the sampler's capacity)")
             if self.train.compile == "cudagraphs":
                 raise ValueError("train.stage = \"opd\" trains on rows of varying length: use train.compile = "
                                  "\"on\" or \"off\" (opd.sampler = \"graph\" captures the decode step)")

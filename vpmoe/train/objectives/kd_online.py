@@ -36,7 +36,7 @@ from vpmoe.model.config import load_model_config
 from vpmoe.teacher.load import identity
 from vpmoe.teacher.online import load_online_teacher
 from vpmoe.train import head_losses, losses
-from vpmoe.train.config import DistillSection, TrainConfig
+from vpmoe.train.config import TrainConfig
 from vpmoe.train.hidden_distill import HiddenProjections, layer_pairs
 from vpmoe.train.objectives.base import LossOutput, Objective, TrainBatch
 from vpmoe.train.timing import PhaseTimer
@@ -47,7 +47,7 @@ class OnlineKD(Objective):
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks):
         self.cfg, self.ranks = cfg, ranks
-        self.distill = cfg.distill or DistillSection()
+        self.distill = cfg.distill_section
         self.span_weights = torch.tensor([0.0, *cfg.loss.span_weights], device=ranks.device)
         student = load_model_config(cfg.model.config).model
         self.teacher = load_online_teacher(cfg.teacher, ranks)

@@ -76,14 +76,14 @@ class OnPolicyDistillation(Objective):
     name = "opd"
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks, teacher: OnlineTeacher | None = None):
-        self.cfg, self.ranks, self.opd = cfg, ranks, cfg.opd
+        self.cfg, self.ranks, self.opd = cfg, ranks, cfg.opd_section
         manifest = read_manifest(cfg.data.path)
         if manifest["format"] != "prompts":
             raise UserError(f"train.stage = \"opd\" samples from prompts: {cfg.data.path} is a {manifest['format']!r} "
                             f"dataset; build one with data.format = \"prompts\"")
         self.max_prompt_len = int(manifest["seq_len"])  # with any effort's system message (data/harmony.py)
         self.teacher = teacher or load_online_teacher(cfg.teacher, ranks)
-        self.curriculum = Curriculum(cfg.curriculum, cfg.opd.max_new_tokens, cfg.run.seed)
+        self.curriculum = Curriculum(cfg.curriculum_section, self.opd.max_new_tokens, cfg.run.seed)
         self.systems = {effort: system_tokens(effort) for effort in EFFORTS}
         self.span_weights = torch.tensor([0.0, *cfg.loss.span_weights], device=ranks.device)
         self.student: torch.nn.Module | None = None
