@@ -16,7 +16,7 @@ from vpmoe.data.build import DataSection, build
 from vpmoe.data.harmony import HarmonyRenderer, split_of
 from vpmoe.data.indexed import IndexedReader
 from vpmoe.errors import UserError
-from vpmoe.provenance import file_sha256
+from vpmoe.artifacts.files import file_sha256
 
 
 def section(tmp_path, inputs, **kw):

@@ -128,3 +128,22 @@ def test_exported_tokenizer_loads_with_tokenizers_and_encodes_as_ours(exported):
     assert hf.encode(rendered, add_special_tokens=False).ids == tk.encoding().encode(rendered, allowed_special="all")
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["eos_token_id"] == hf.token_to_id("<|return|>") and config["pad_token_id"] == tk.EOD
+
+
+def test_training_starts_from_a_sharded_export_and_keeps_the_datasets_seq_len(tmp_path, exported, synth_dataset):
+    from vpmoe import distributed
+    from vpmoe.train.config import load_train_config
+    from vpmoe.train.trainer import Trainer
+
+    model, obj, _ = exported
+    sharded = export(obj, tmp_path / "sharded", shard_bytes=8 << 20)
+
+    def trainer(*sets):
+        cfg = load_train_config("tiny_ce", [f"data.path={json.dumps(str(synth_dataset))}",
+                                            f"run.dir={json.dumps(str(tmp_path / 'run'))}",
+                                            f"model.init_from={json.dumps(str(sharded))}", *sets])
+        return Trainer.from_config(cfg, distributed.init("cpu"))
+
+    assert_same_weights(model, trainer().model)  # what eval can read, training can start from
+    with pytest.raises(UserError, match="was built with seq_len 512"):
+        trainer("data.seq_len=1024")

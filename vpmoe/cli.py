@@ -142,11 +142,9 @@ def run(args: argparse.Namespace) -> None:
                           args.max_micro_batch)
         print_report(report)
         if args.out:
-            import json
+            from vpmoe.artifacts.files import write_json
 
-            from vpmoe.provenance import atomic_write_text
-
-            atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+            write_json(args.out, report)
             print(f"wrote {args.out}")
     elif args.command == "profile":
         from vpmoe.perf.profile import profile_config

@@ -7,7 +7,6 @@ when they live elsewhere) and identified by their sha256.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import subprocess
 from importlib import metadata
@@ -67,10 +66,3 @@ def record(kind: str, config_hash: str, parents: list[dict] | None = None, **ext
         "parents": parents or [],
         **extra,
     }
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

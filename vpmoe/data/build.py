@@ -32,7 +32,7 @@ import numpy as np
 
 from vpmoe import config, provenance
 from vpmoe import tokenizer as tk
-from vpmoe.artifacts.files import remove_dir, write_failed
+from vpmoe.artifacts.files import file_sha256, remove_dir, write_failed, write_json
 from vpmoe.artifacts.lock import lock_dir
 from vpmoe.data.harmony import SPLIT_RULE, HarmonyRenderer, Reject, split_of, system_tokens
 from vpmoe.data.indexed import IndexedWriter
@@ -176,7 +176,7 @@ def _build(data: DataSection, out: Path, partial: Path, inputs: list[Path]) -> P
     stage.mkdir()
     _write_splits(stage, shards, len(inputs))
     manifest = _manifest(summary, data, file_records(stage, DATASET_FILES))
-    provenance.atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_json(stage / "manifest.json", manifest)
     stage.rename(out)
     remove_dir(partial)
     return out
@@ -196,7 +196,7 @@ def _start_or_resume(partial: Path, plan: dict, inputs: list[Path]) -> None:
     if not plan_file.exists():
         if any(not p.name.startswith(".") for p in partial.iterdir()):
             raise UserError(f"{partial} exists but is not a build in progress: remove it")
-        provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
+        write_json(plan_file, plan)
         (partial / "shards").mkdir(exist_ok=True)
         return
     previous = _read_json(plan_file, partial)
@@ -216,7 +216,7 @@ def _start_or_resume(partial: Path, plan: dict, inputs: list[Path]) -> None:
     for i, (path, before, now) in enumerate(zip(inputs, previous["inputs"], plan["inputs"])):
         stats = partial / "shards" / f"{i:05d}" / "stats.json"
         if stats.exists():
-            if provenance.file_sha256(path) != _read_json(stats, partial).get("sha256"):
+            if file_sha256(path) != _read_json(stats, partial).get("sha256"):
                 changed.append(now["name"])
         elif before != now:
             if _failed_mark(partial / "shards", i).exists():
@@ -228,7 +228,7 @@ def _start_or_resume(partial: Path, plan: dict, inputs: list[Path]) -> None:
     if fixed:
         for i in fixed:
             previous["inputs"][i] = plan["inputs"][i]
-        provenance.atomic_write_text(plan_file, json.dumps(previous, indent=2) + "\n")
+        write_json(plan_file, previous)
     (partial / "shards").mkdir(exist_ok=True)
     print(f"resuming the build in {partial}")
 
@@ -380,7 +380,7 @@ def _render_shard(index: int, path: str, data: DataSection, system: list[int], s
         "sha256": digest.hexdigest(), "records": len(seen), "rejects": rejects, "truncated": truncated,
         "splits": split_stats, "facets": facets if data.format == "synth" else {},
     }
-    provenance.atomic_write_text(directory / "stats.json", json.dumps(stats))
+    write_json(directory / "stats.json", stats)
 
 
 def pack(tokens: np.ndarray, spans: np.ndarray, lengths: np.ndarray, seq_len: int):
@@ -467,7 +467,7 @@ def file_records(root: Path, names: list[str]) -> dict[str, dict]:
     """{name: {"bytes", "sha256"}} of files under `root` (as manifests record them), hashed in parallel threads."""
     paths = [root / name for name in names]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-        digests = list(pool.map(provenance.file_sha256, paths))
+        digests = list(pool.map(file_sha256, paths))
     return {name: {"bytes": path.stat().st_size, "sha256": digest} for name, path, digest in zip(names, paths, digests)}
 
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from vpmoe import provenance
+from vpmoe.artifacts.files import hash_file
 from vpmoe.errors import UserError
 
 SYNTH_FIELDS = {
@@ -81,7 +81,7 @@ def _read_parquet(path: Path, digest) -> Reader:
     import pyarrow.parquet as pq
 
     if digest is not None:  # pyarrow reads the footer first, so the file is hashed in a pass of its own
-        provenance.hash_file(path, digest)
+        hash_file(path, digest)
 
     try:
         table = pq.ParquetFile(path)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vpmoe import provenance
+from vpmoe.artifacts.files import write_json, write_text
 
 SCHEMA = "vpmoe.eval/1"
 
@@ -121,8 +121,8 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, json_path: Path, md_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    provenance.atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    provenance.atomic_write_text(md_path, markdown(report))
+    write_json(json_path, report)
+    write_text(md_path, markdown(report))
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -219,11 +219,10 @@ def write_comparison(reports: list[dict], out: Path, title: str = "Core eval com
     plot(rows, paths["png"], title)
     parents = [r.get("provenance", {}) for r in reports]
     record = provenance.record("eval_comparison", "", parents=parents)
-    provenance.atomic_write_text(paths["json"], json.dumps({"schema": SCHEMA, "rows": rows,
-                                                            "provenance": record}, indent=2) + "\n")
+    write_json(paths["json"], {"schema": SCHEMA, "rows": rows, "provenance": record})
     md = [f"# {title}", "", comparison_table(rows, markdown_table=True), "", "![metrics](compare.png)", "",
           "Reports:", ""]
     md += [f"- {r['checkpoint']['label']}: checkpoint `{r['checkpoint']['path']}`, report "
            f"`{r['checkpoint'].get('report', '?')}`" for r in reports]
-    provenance.atomic_write_text(paths["md"], "\n".join(md) + "\n")
+    write_text(paths["md"], "\n".join(md) + "\n")
     return paths

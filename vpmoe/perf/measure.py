@@ -49,9 +49,8 @@ def synthetic_trainer(cfg: TrainConfig, model_cfg: ModelConfig | None = None, se
 
 def set_micro_batch(trainer: Trainer, micro_batch: int, grad_accum: int = 1) -> None:
     """Feed micro-batches of a new size (and accumulation) to an existing trainer."""
-    trainer.cfg = config_io.replace(trainer.cfg, {"data.micro_batch_size": micro_batch, "data.grad_accum": grad_accum})
     old = trainer.data
-    trainer.data = SyntheticBatches(old.vocab_size, old.seq_len, micro_batch, seed=old.drawn)
+    trainer.feed(SyntheticBatches(old.vocab_size, old.seq_len, micro_batch, seed=old.drawn), micro_batch, grad_accum)
 
 
 def synchronize(device: torch.device) -> None:

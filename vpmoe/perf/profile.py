@@ -7,7 +7,6 @@ steps (the profiler slows the host, not the kernels).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch.autograd import DeviceType
@@ -15,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from vpmoe import config as config_io
 from vpmoe import provenance
+from vpmoe.artifacts.files import write_json
 from vpmoe.model.config import ModelConfig
 from vpmoe.perf.measure import measure, synchronize, synthetic_trainer
 from vpmoe.train.config import load_train_config
@@ -76,7 +76,7 @@ def profile_config(config: str, overrides: list[str], out: str, warmup: int, ste
                                               n_layers=trainer.model_cfg.model.n_layers)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    provenance.atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    write_json(path, summary)
     ms = summary["step_ms"]
     print(f"wrote {path}: {summary['tokens_per_s']:,.0f} tokens/s, {ms['total']:.1f} ms/step "
           f"(forward {ms.get('forward', 0):.1f}, backward {ms.get('backward', 0):.1f}, optimizer "

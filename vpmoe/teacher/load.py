@@ -22,7 +22,7 @@ from vpmoe import tokenizer as tk
 from vpmoe.artifacts.files import read_json
 from vpmoe.artifacts.models import config_json, is_vpmoe_config, load_model
 from vpmoe.errors import UserError
-from vpmoe.provenance import file_sha256
+from vpmoe.artifacts.files import file_sha256
 from vpmoe.teacher.config import ScoreSection, TeacherSection
 
 EOS_IDS = {tk.RETURN: "<|return|>", tk.CALL: "<|call|>", tk.ENDOFTEXT: "<|endoftext|>"}

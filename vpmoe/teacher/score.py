@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from vpmoe import config, distributed, provenance
-from vpmoe.artifacts.files import remove_dir, write_failed
+from vpmoe.artifacts.files import remove_dir, write_failed, write_json
 from vpmoe.artifacts.lock import lock_dir
 from vpmoe.data.build import file_records
 from vpmoe.data.indexed import IndexedReader, IndexedWriter
@@ -169,7 +169,7 @@ def _start_or_resume(partial: Path, plan: dict, dataset: Path, overwrite: bool, 
             f"{dataset} already has a teacher sidecar (teacher {name}); set score.overwrite = true "
             f"(--set score.overwrite=true) to replace it"
         )
-    provenance.atomic_write_text(plan_file, json.dumps(plan, indent=2) + "\n")
+    write_json(plan_file, plan)
     (partial / "shards").mkdir(exist_ok=True)
 
 
@@ -378,14 +378,14 @@ def _merge(cfg: ScoreConfig, config_hash: str, dataset: Path, partial: Path, sha
     # manifest describing other files), then replace the directories, then record the new section.
     if "teacher" in manifest:
         manifest.pop("teacher")
-        provenance.atomic_write_text(dataset / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_json(dataset / "manifest.json", manifest)
     for split in manifest.get("splits", {}):
         if sidecar_dir(dataset, split).exists():
             remove_dir(sidecar_dir(dataset, split))
     for split, stage in staged.items():
         stage.rename(sidecar_dir(dataset, split))
     manifest["teacher"] = section
-    provenance.atomic_write_text(dataset / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_json(dataset / "manifest.json", manifest)
     remove_dir(partial)
     return section
 

@@ -23,7 +23,7 @@ import torch
 from vpmoe.data.indexed import IndexedReader
 from vpmoe.data.loader import SplitReader, read_manifest
 from vpmoe.errors import UserError
-from vpmoe.provenance import file_sha256
+from vpmoe.artifacts.files import file_sha256
 
 SCHEMA_VERSION = 1
 DIRNAME = "teacher"

@@ -169,6 +169,13 @@ class Trainer:
                             f"leave data.seq_len out to use the dataset's ({manifest['seq_len']})")
         return cls(cfg, ranks, loader, model_cfg, seq_len, manifest)
 
+    def feed(self, data, micro_batch_size: int, grad_accum: int) -> None:
+        """Take `grad_accum` micro-batches of `micro_batch_size` rows per step from `data` from now on (the
+        performance tools measure several sizes with one trainer)."""
+        self.cfg = config_io.replace(self.cfg, {"data.micro_batch_size": micro_batch_size,
+                                                "data.grad_accum": grad_accum})
+        self.data = data
+
     # ---- one optimizer step ------------------------------------------------------------------------------------
 
     def step(self) -> StepResult:

@@ -7,16 +7,13 @@ a Hugging Face object is its directory (config, weights, tokenizer) plus, when m
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
+from vpmoe.artifacts.files import file_sha256, read_json
 from vpmoe.errors import UserError
 from vpmoe.model.config import model_config_to_dict
 from vpmoe.artifacts.models import model_config as load_config
 from vpmoe.artifacts.weights import INDEX_FILE, WEIGHTS_FILE, has_weights
-from vpmoe.provenance import file_sha256
 from vpmoe.upcycle import hf
 from vpmoe.upcycle.registry import ObjectEntry
 
@@ -33,12 +30,7 @@ def weights_sha256(directory: str | Path) -> str:
 
 def read_provenance(directory: str | Path) -> dict | None:
     path = Path(directory) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None
+    return read_json(path, "provenance") if path.is_file() else None
 
 
 def check_input(directory: str | Path, entry: ObjectEntry) -> dict:
@@ -84,28 +76,11 @@ def _first_difference(got, want, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')} (got {got!r}, expected {want!r})"
 
 
-def prepare_output(directory: str | Path, overwrite: bool) -> Path:
-    """A fresh staging directory beside `directory`; `finish_output` moves it into place."""
-    directory = Path(directory)
-    if directory.exists():
-        if not overwrite:
-            raise UserError(f"output {directory} exists; choose another or set upcycle.overwrite = true")
-        if not (directory / PROVENANCE_FILE).is_file():
-            raise UserError(f"output {directory} exists and was not written by `vpmoe upcycle`; not replacing it")
-    staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def finish_output(staging: Path, directory: str | Path) -> Path:
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory
-
-
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def may_replace(directory: Path, overwrite: bool) -> bool:
+    """Whether an existing output directory may be replaced (`files.staged_dir`): only with upcycle.overwrite and
+    only an object that `vpmoe upcycle` wrote."""
+    if not overwrite:
+        raise UserError(f"output {directory} exists; choose another or set upcycle.overwrite = true")
+    if not (directory / PROVENANCE_FILE).is_file():
+        raise UserError(f"output {directory} exists and was not written by `vpmoe upcycle`; not replacing it")
+    return True

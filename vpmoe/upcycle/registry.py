@@ -27,7 +27,7 @@ from typing import Any
 from vpmoe import config as config_io
 from vpmoe.errors import UserError
 from vpmoe.model.config import ModelConfig, load_model_config
-from vpmoe.provenance import file_sha256
+from vpmoe.artifacts.files import file_sha256
 from vpmoe.upcycle.config import STEPS
 
 # The kinds of object each step reads and writes.

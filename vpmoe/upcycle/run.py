@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from vpmoe import config as config_io
+from vpmoe.artifacts import files
 from vpmoe.errors import UserError
 from vpmoe.provenance import portable_name, record
 from vpmoe.upcycle import drift, heal, objects
@@ -43,15 +43,12 @@ def upcycle(cfg: UpcycleConfig) -> tuple[Path, str]:
                         f"{target.step or '(none, a root)'!r} from {target.parent or '(nothing)'!r}, not by step "
                         f"{u.step!r} from {source.name!r}")
     given = objects.check_input(u.input, source)
-    staging = objects.prepare_output(u.output, u.overwrite)
-    try:
-        return _run_step(cfg, registry, given, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with files.staged_dir(u.output, lambda existing: objects.may_replace(existing, u.overwrite)) as staging:
+        summary = _run_step(cfg, registry, given, staging)
+    return Path(u.output), summary
 
 
-def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path) -> tuple[Path, str]:
+def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path) -> str:
     u = cfg.upcycle
     source, target = registry.get(u.source), registry.get(u.target)
     step = STEPS[u.step]
@@ -73,7 +70,7 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
                  "metrics": report, "step_numbers": numbers}
     if healing is not None:
         drift_doc["healing"] = healing
-    objects.write_json(staging / objects.DRIFT_FILE, drift_doc)
+    files.write_json(staging / objects.DRIFT_FILE, drift_doc, sort_keys=True)
     parent = _parent_record(given["provenance"], source.name, given["weights_sha256"])
     prov = record(
         "checkpoint_object", config_io.config_hash(cfg), parents=[parent],
@@ -82,10 +79,9 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
         weights_sha256=output_digest, registry=portable_name(registry.path), registry_sha256=registry.sha256,
         config=_portable_config(cfg), seed=u.seed, details=details,
     )
-    objects.write_json(staging / objects.PROVENANCE_FILE, prov)
+    files.write_json(staging / objects.PROVENANCE_FILE, prov, sort_keys=True)
     objects.check_input(staging, target)  # the result is what the registry says the target is
-    out = objects.finish_output(staging, u.output)
-    return out, step.summary(report)
+    return step.summary(report)
 
 
 def _parent_record(prov: dict | None, name: str, digest: str) -> dict:
