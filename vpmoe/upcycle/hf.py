@@ -5,26 +5,16 @@ Only Qwen3ForCausalLM is converted by the surgery step; facts and weights of any
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from vpmoe.artifacts.models import config_json
 from vpmoe.errors import UserError
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
-
-
-def read_config(directory: str | Path) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None
 
 
 def rope_theta(cfg: dict) -> float | None:
@@ -61,7 +51,7 @@ def load_state(directory: str | Path, dtype: torch.dtype = torch.float32) -> dic
 
 def facts(directory: str | Path) -> dict:
     """The shape facts of a directory, as the registry's [hf] tables name them."""
-    cfg = read_config(directory)
+    cfg = config_json(directory)
     shapes = tensor_shapes(directory)
     if EMBED not in shapes:
         raise UserError(f"{directory}: the weights have no {EMBED!r}")
