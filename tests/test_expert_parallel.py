@@ -135,7 +135,7 @@ def test_layouts_that_cannot_hold_are_refused():
     assert resolve_layout(ParallelSection(), 8, 256) == Layout(1, 8, 1)
     assert resolve_layout(ParallelSection(ep=2, dp_replicate=2), 8, 256) == Layout(2, 2, 2)
     with pytest.raises(UserError, match=r"parallel.dp_replicate x parallel.dp_shard x parallel.ep = 1 x 3 x 2 "
-                                        r"must equal the world size \(4"):
+                                        r"must equal the world size, 4 \("):
         resolve_layout(ParallelSection(dp_shard=3, ep=2), 4, 256)
     with pytest.raises(UserError, match="must equal the world size"):
         resolve_layout(ParallelSection(ep=3), 4, 258)  # 4 // 3 = 1 shard: 3 ranks, not 4
@@ -149,6 +149,8 @@ def test_doctor_reports_the_mesh_and_refuses_a_bad_one_with_exit_2():
     from vpmoe.doctor import _mesh
 
     assert "dp_replicate 1 x dp_shard 2 x ep 2" in _mesh("tiny_ce", ["parallel.ep=2"], 4)
+    with pytest.raises(UserError, match=r"x 3 must equal the world size, 2 \("):  # what `vpmoe train` would say
+        _mesh("tiny_ce", ["parallel.ep=3"], 2)
     bad = subprocess.run([sys.executable, "-m", "vpmoe.cli", "doctor", "--config", "tiny_ce", "--world-size", "3",
                           "--set", "parallel.ep=3"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

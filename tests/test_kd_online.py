@@ -232,9 +232,19 @@ def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path
 
 def test_two_ranks_with_a_sharded_teacher_follow_the_single_process_curve(tmp_path, dataset, hf_teacher):
     """torchrun, 2 CPU processes (gloo; student and teacher FSDP2), micro-batch 1 each == 1 process, 2 micro-batches."""
-    common = dict(train__steps=3, checkpoint__every=3, data__micro_batch_size=1, distill__standardize=True)
+    two_ranks_follow_the_single_process_curve(tmp_path, dataset, hf_teacher, steps=3)
+
+
+def test_two_ranks_with_expert_parallelism_follow_the_single_process_curve(tmp_path, dataset, hf_teacher):
+    """parallel.ep = 2: each rank holds half of every expert bank of the student (tokens go to their expert's rank)."""
+    two_ranks_follow_the_single_process_curve(tmp_path, dataset, hf_teacher, steps=2, parallel__ep=2)
+
+
+def two_ranks_follow_the_single_process_curve(tmp_path, dataset, hf_teacher, steps, **double_sets):
+    common = dict(train__steps=steps, checkpoint__every=steps, data__micro_batch_size=1, distill__standardize=True)
     single = config(tmp_path, dataset, hf_teacher, "single", data__grad_accum=2, **common)
-    double = config(tmp_path, dataset, hf_teacher, "double", data__grad_accum=1, teacher__placement="fsdp", **common)
+    double = config(tmp_path, dataset, hf_teacher, "double", data__grad_accum=1, teacher__placement="fsdp", **common,
+                    **double_sets)
     for cfg, name in ((single, "single"), (double, "double")):
         (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -245,8 +255,9 @@ def test_two_ranks_with_a_sharded_teacher_follow_the_single_process_curve(tmp_pa
                           "-m", "vpmoe.cli", "train", str(tmp_path / "double.toml")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert f"x ep {double_sets.get('parallel__ep', 1)};" in two.stdout  # the layout asked for
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "double")
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
     for x, y in zip(a, b):
         # float32 sums in another order: the curves agree to 1e-4 relative
         for term in ("ce", "kl", "hidden"):

@@ -320,11 +320,20 @@ def test_resume_after_sigkill_reproduces_rollouts_and_weights(tmp_path, prompts,
 def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher):
     """torchrun, 2 CPU processes (gloo, FSDP2 student, the teacher sharded forward-only over both): the same
     rollouts and losses as one process with 2 micro-batches."""
+    two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher)
+
+
+def test_two_ranks_with_expert_parallelism_equal_one_process(tmp_path, prompts, student_init, other_teacher):
+    """parallel.ep = 2: each rank holds half of every expert bank; the sampling copy gathers whole banks."""
+    two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher, parallel__ep=2)
+
+
+def two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teacher, **double_sets):
     common = dict(train__steps=2, checkpoint__every=2, data__micro_batch_size=1, opd__samples_per_prompt=2,
                   student=student_init)
     single = opd_config(tmp_path, prompts, other_teacher, "single", data__grad_accum=2, **common)
     double = opd_config(tmp_path, prompts, other_teacher, "double", data__grad_accum=1, teacher__placement="fsdp",
-                        **common)
+                        **common, **double_sets)
     for cfg, name in ((single, "single"), (double, "double")):
         (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -335,6 +344,7 @@ def test_two_ranks_equal_one_process(tmp_path, prompts, student_init, other_teac
                           "-m", "vpmoe.cli", "train", str(tmp_path / "double.toml")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert f"x ep {double_sets.get('parallel__ep', 1)};" in two.stdout  # the layout asked for
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "double")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
     assert a[0]["opd"]["reverse_kl"] > 0.01  # another initialization (1e-6 at teacher = student): real gradients

@@ -96,6 +96,16 @@ def _worker(rank, port, outdir):
             opt.zero_grad()
         polar_matrices = [None] * WORLD
         dist.all_gather_object(polar_matrices, sum(orthogonalized))
+        # --- the round robin alone, in float64
+        from vpmoe.optim.normuon import sharded_polar_express
+
+        counted = len(orthogonalized)
+        polar64 = [sharded_polar_express(x, mesh, steps=5, dtype=torch.float64, first_owner=first)
+                   for x, first in _polar64_inputs()]
+        polar64_work = [None] * WORLD
+        dist.all_gather_object(polar64_work, sum(orthogonalized[counted:]))
+        polar64_all = [None] * WORLD
+        dist.all_gather_object(polar64_all, polar64)
         full = {n: p.full_tensor() for n, p in model.inner.named_parameters()}
         state = _full_state(opt, model.inner)
         ckpt = os.path.join(outdir, "ckpt")
@@ -124,11 +134,18 @@ def _worker(rank, port, outdir):
         assert isinstance(mopt.state[manual.get_submodule("layers.0.mlp").up.weight]["second_moment"], DTensor)
         if rank == 0:
             torch.save({"params": full, "state": state, "manual": mfull, "mstate": mstate,
-                        "polar_matrices": polar_matrices},
+                        "polar_matrices": polar_matrices, "polar64": polar64_all, "polar64_work": polar64_work},
                        os.path.join(outdir, "result.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _polar64_inputs() -> list[tuple[torch.Tensor, int]]:
+    """(matrices, first owner): an odd count of wide matrices starting on rank 1, and tall ones (transposed path)."""
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(7, 6, 10, generator=gen, dtype=torch.float64), 1),
+            (torch.randn(3, 12, 5, generator=gen, dtype=torch.float64), 0)]
 
 
 def _count_polar_matrices() -> list[int]:
@@ -200,6 +217,20 @@ def test_polar_express_work_is_divided_over_the_ranks(dist_result, monkeypatch):
     _single_run(_fsdp_shapes(), STEPS)
     per_rank = res["polar_matrices"]
     assert sum(per_rank) == sum(counts) and max(per_rank) <= 0.6 * sum(counts), (per_rank, sum(counts))
+
+
+def test_sharded_polar_express_equals_the_unsharded_one_in_float64(dist_result):
+    """Round robin over 2 ranks, then all-gathered: every rank holds polar_express of every matrix (float64, 1e-12),
+    having computed only its own share."""
+    from vpmoe.optim.polar import polar_express
+
+    _, res = dist_result
+    for rank in range(WORLD):
+        for (x, _), got in zip(_polar64_inputs(), res["polar64"][rank]):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, polar_express(x, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # 7 matrices from rank 1: odd indices on rank 0 (3), even on rank 1 (4); 3 from rank 0: 2 on rank 0, 1 on rank 1
+    assert res["polar64_work"] == [3 + 2, 4 + 1]
 
 
 def test_hand_placed_dtensors_equal_single_process(dist_result):

@@ -148,3 +148,27 @@ def test_two_gpus_expert_parallel_in_bf16_trains_like_data_parallel(tmp_path):
     for a, b in zip(dp, ep):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
+
+
+def _bad_layout_run(tmp_path: Path, ranks: int) -> subprocess.CompletedProcess:
+    config = _write_config(tmp_path, _setup(tmp_path), "bad", parallel__ep=3)  # 3 divides neither 1 nor 2 ranks
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "vpmoe.cli", "train", str(config)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def test_a_bad_layout_exits_2_with_one_line_in_a_single_process(tmp_path):
+    done = _bad_layout_run(tmp_path, 1)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "vpmoe: error: parallel.dp_replicate x parallel.dp_shard x parallel.ep = 1 x 0 (auto: 1 // 3) x 3 must equal "
+        "the world size, 1 (torchrun's --nnodes x --nproc_per_node; 1 for a single process)"], done.stderr
+
+
+def test_a_bad_layout_under_torchrun_is_reported_once(tmp_path):
+    """Every rank meets the error; rank 0 says it, and torchrun exits 1 (its own code) with its failure report."""
+    done = _bad_layout_run(tmp_path, 2)
+    assert done.returncode == 1
+    assert done.stderr.count("vpmoe: error:") == 1, done.stderr
+    assert "parallel.ep = 1 x 0 (auto: 2 // 3) x 3 must equal the world size, 2 (" in done.stderr

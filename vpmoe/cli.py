@@ -3,6 +3,7 @@
 Exit codes: 0 success, 2 bad input or config (the message says what and where), 1 any other failure (an error
 of the environment, such as a full disk, is one line naming the path), 141 when the reader of the output went away
 (`vpmoe data inspect DIR | head`).
+Under torchrun the one-line message comes from rank 0 only (torchrun itself then exits 1; see `report`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 
 from vpmoe.errors import RunError, UserError
 
@@ -183,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as if killed by SIGPIPE, like any other command in a pipe
     except UserError as e:
-        print(f"vpmoe: error: {e}", file=sys.stderr)
+        report(f"vpmoe: error: {e}")
         return 2
     except RunError as e:
-        print(f"vpmoe: stopped: {e}", file=sys.stderr)
+        report(f"vpmoe: stopped: {e}")
         return 1
     except KeyboardInterrupt:
         print("vpmoe: interrupted", file=sys.stderr)
@@ -194,9 +196,26 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno is None:
             raise
-        print(f"vpmoe: stopped: {os_error_message(e)}", file=sys.stderr)
+        report(f"vpmoe: stopped: {os_error_message(e)}")
         return 1
     return 0
+
+
+OTHER_RANK_GRACE_S = 10.0
+
+
+def report(line: str) -> None:
+    """The one-line error, said once per job: under torchrun every rank usually meets the same error, so rank 0
+    prints it and the other ranks wait. They wait rather than exit because torchrun ends the whole job (SIGTERM) as
+    soon as one rank exits, which could cut rank 0 off before it prints; a rank that is still alive after the grace
+    period met an error of its own (rank 0 is stuck, e.g. in a collective) and prints it, naming itself."""
+    rank = os.environ.get("RANK", "")
+    if rank in ("", "0"):
+        print(line, file=sys.stderr)
+        return
+    sys.stderr.flush()
+    time.sleep(OTHER_RANK_GRACE_S)
+    print(f"{line} (rank {rank})", file=sys.stderr)
 
 
 def os_error_message(e: OSError) -> str:

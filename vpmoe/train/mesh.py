@@ -53,7 +53,8 @@ def resolve_layout(parallel: ParallelSection, world_size: int, n_experts: int | 
         shown = parallel.dp_shard if parallel.dp_shard else f"0 (auto: {world_size} // {rest})"
         raise UserError(
             f"parallel.dp_replicate x parallel.dp_shard x parallel.ep = {parallel.dp_replicate} x {shown} x "
-            f"{parallel.ep} must equal the world size ({world_size} ranks started by torchrun)")
+            f"{parallel.ep} must equal the world size, {world_size} (torchrun's --nnodes x --nproc_per_node; 1 for "
+            f"a single process)")
     if parallel.ep > 1 and n_experts is None:
         raise UserError(f"parallel.ep = {parallel.ep} needs a MoE model; this one is dense (set parallel.ep = 1)")
     if n_experts is not None and n_experts % parallel.ep:
