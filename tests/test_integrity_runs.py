@@ -76,6 +76,14 @@ def vpmoe(*args, cwd=None, prelude=""):
                           timeout=600, cwd=cwd)
 
 
+def in_process(*args, capfd):
+    """`vpmoe ARGS` in this process (no start-up cost), as a CompletedProcess with what it printed."""
+    capfd.readouterr()
+    rc = cli.main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
 def train_cli(run, data, steps, *more, **kw):
     return vpmoe("train", "tiny_ce", *[a for s in sets(run, data, steps, *more) for a in ("--set", s)], **kw)
 
@@ -232,6 +240,29 @@ def test_a_damaged_latest_checkpoint_falls_back_with_a_message_and_is_saved_agai
     assert checkpoints.verify(run / "checkpoints/step_0000002") is None  # step 2 again, saved whole
 
 
+def test_a_checkpoint_file_altered_in_place_is_found_by_its_sha256_and_skipped(world, tmp_path, capfd):
+    """Same size, one byte flipped: only the sha256 of complete.json can tell."""
+    run = clone(world["run"], tmp_path / "run")
+    data = next((run / "checkpoints/step_0000002").glob("*.distcp"))
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    data.unlink()  # the clone hard-links large files: write a new one, leave the fixture's as it is
+    data.write_bytes(bytes(flipped))
+    assert data.stat().st_size == json.loads((data.parent / "complete.json").read_text())["files"][data.name]["bytes"]
+    warning = (f"warning: checkpoint {run}/checkpoints/step_0000002 is damaged ({data.name} has another sha256 than "
+               f"complete.json records): falling back to step_0000001")
+
+    p = in_process("export", run, "--out", tmp_path / "out", capfd=capfd)
+    succeeds(p)
+    assert warning in p.stderr
+    assert json.loads((tmp_path / "out/provenance.json").read_text())["source"].endswith("step_0000001")
+
+    p = train_cli(run, world["ds1"], 2)
+    succeeds(p)
+    assert warning in p.stderr and "(step 1)" in p.stdout
+    assert checkpoints.verify(run / "checkpoints/step_0000002") is None  # step 2 again, saved whole
+
+
 def test_export_and_eval_fall_back_from_a_damaged_checkpoint_and_refuse_a_damaged_one_named(world, tmp_path):
     run = clone(world["run"], tmp_path / "run")
     cut(run / "checkpoints/step_0000002/trainer_rank0.pt", 10)
@@ -284,13 +315,25 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_the_run_re
 # ---- items 5, 6, 7: export --------------------------------------------------------------------------------------
 
 
-def test_export_keeps_what_it_did_not_write_and_refuses_bad_outputs(world, tmp_path):
+def test_export_keeps_what_it_did_not_write_and_refuses_bad_outputs(world, tmp_path, capfd):
     foreign = tmp_path / "out.partial"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     fails(vpmoe("export", world["run"], "--out", tmp_path / "out"), 2,
           f"{foreign} exists but is not an export in progress: remove it")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "out").exists()
+    # Dot-files are not ours either, nor is anything beside an earlier export's mark that the export does not write.
+    for own, theirs in (([], ".notes"), (["export.json", "model/x.safetensors"], ".cache/notes.txt"),
+                        (["export.json"], "notes.txt")):
+        shutil.rmtree(foreign)
+        for name in [*own, theirs]:
+            (foreign / name).parent.mkdir(parents=True, exist_ok=True)
+            (foreign / name).write_text("mine")
+        before = snapshot(foreign)
+        fails(in_process("export", world["run"], "--out", tmp_path / "out", capfd=capfd), 2,
+              f"{foreign} exists but is not an export in progress: remove it, or choose another --out (it holds "
+              f"{theirs.split('/')[0]!r}, which vpmoe export does not write)")
+        assert snapshot(foreign) == before and not (tmp_path / "out").exists()
 
     (tmp_path / "file").write_text("x")
     fails(vpmoe("export", world["run"], "--out", tmp_path / "file"), 2, "already exists: choose a new --out")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  (a test extra: the teacher, the export's tokenizer.json; a broken install fails)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from vpmoe import config as config_io
@@ -95,7 +96,6 @@ def test_dp_shard_2_x_ep_2_follows_the_single_process_curve(runs):
 
 
 def test_kd_offline_with_ep_2_follows_the_single_process_curve(tmp_path):
-    pytest.importorskip("transformers")  # the teacher is a tiny Hugging Face GPT-OSS
     from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
     from vpmoe.teacher.score import score
     from vpmoe.testing.teachers import save_tiny_teacher
@@ -120,7 +120,6 @@ def test_checkpoint_of_4_ranks_resumes_on_another_layout(runs, run):
 
 
 def test_export_reads_the_expert_parallel_checkpoint(runs, tmp_path):
-    pytest.importorskip("transformers")  # the export writes a Hugging Face tokenizer.json
     from vpmoe.artifacts.weights import iter_tensors
     from vpmoe.export import export
 

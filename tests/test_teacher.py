@@ -21,6 +21,7 @@ from vpmoe.data.inspect import inspect
 from vpmoe.data.loader import SplitReader
 from vpmoe.errors import UserError
 from vpmoe.provenance import file_sha256
+from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.teacher import score as score_mod
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection
 from vpmoe.teacher.sidecar import TeacherSidecar, sidecar_dir
@@ -101,9 +102,11 @@ def test_sidecar_equals_direct_forward_log_softmax_topk(scored, teacher_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    section = json.loads((scored / "manifest.json").read_text())["teacher"]
     for split in ("train", "valid"):
         sidecar, reader = TeacherSidecar(scored, split), SplitReader(scored, split)
         exact_rows = 0
+        sums = {}  # span name -> [positions, sum of entropies, sum of top-K masses], float64 from the reference
         for i in range(len(reader)):
             tokens, spans = reader.sample(i)
             refs, targets = [], []
@@ -116,6 +119,11 @@ def test_sidecar_equals_direct_forward_log_softmax_topk(scored, teacher_dir):
                 rows = torch.tensor([j - 1 - start for j in supervised])
                 refs.append(torch.log_softmax(logits[rows].double(), dim=-1))
                 targets += [int(tokens[j]) for j in supervised]
+                for j, ref_row in zip(supervised, refs[-1]):
+                    total = sums.setdefault(SPAN_NAMES[int(spans[j])], [0, 0.0, 0.0])
+                    total[0] += 1
+                    total[1] += float(-(ref_row.exp() * ref_row).sum())
+                    total[2] += float(ref_row.topk(K).values.exp().sum())
             entry = sidecar.sample(i)
             if not refs:
                 assert len(entry.target_logprob) == 0
@@ -139,6 +147,18 @@ def test_sidecar_equals_direct_forward_log_softmax_topk(scored, teacher_dir):
             torch.testing.assert_close(torch.from_numpy(entry.target_logprob.astype(np.float64)), target_ref,
                                        rtol=2**-10, atol=1e-5)
         assert exact_rows > 0.9 * len(sidecar.target_logprob.data)
+        # the manifest's means: entropy over the full vocabulary and top-K probability mass, per span and in all
+        info = section["splits"][split]
+        assert {name: e["positions"] for name, e in info["spans"].items()} == {n: e[0] for n, e in sums.items()}
+        # The scorer's entropy is lse - sum(p * logit) in float32 over the 201,088-entry vocabulary: its dot product
+        # is off by ~1e-3 nats at entropies near 8 (measured on this teacher, 1.4e-4 relative), hence 5e-4.
+        entropy_rel, mass_rel = 5e-4, 1e-4
+        for name, (positions, entropy, mass) in sums.items():
+            assert info["spans"][name]["mean_entropy"] == pytest.approx(entropy / positions, rel=entropy_rel)
+            assert info["spans"][name]["mean_topk_mass"] == pytest.approx(mass / positions, rel=mass_rel)
+        positions = sum(e[0] for e in sums.values())
+        assert info["mean_entropy"] == pytest.approx(sum(e[1] for e in sums.values()) / positions, rel=entropy_rel)
+        assert info["mean_topk_mass"] == pytest.approx(sum(e[2] for e in sums.values()) / positions, rel=mass_rel)
 
 
 def test_sidecar_aligns_with_supervised_positions(scored, teacher_dir):
@@ -164,6 +184,7 @@ def test_sidecar_aligns_with_supervised_positions(scored, teacher_dir):
             manifest["splits"][split]["span_tokens"]["final"]
         assert info["coverage"] == 1.0
         assert info["bytes_per_position"] == pytest.approx(K * 6 + 2, rel=0.05)
+        masses = {}  # span name -> the top-K mass of each position, float64 from the stored float16 log-probs
         for i in range(len(reader)):
             tokens, spans = reader.sample(i)
             entry = sidecar.sample(i)
@@ -171,10 +192,15 @@ def test_sidecar_aligns_with_supervised_positions(scored, teacher_dir):
             lp = entry.topk_logprobs.astype(np.float32)
             assert (lp <= 0).all() and (np.diff(lp, axis=1) <= 0).all()
             assert ((entry.topk_ids >= 0) & (entry.topk_ids < tk.VOCAB_SIZE)).all()
+            for code, mass in zip(spans[entry.positions + 1], np.exp(lp.astype(np.float64)).sum(axis=1)):
+                masses.setdefault(SPAN_NAMES[int(code)], []).append(mass)
         means = info["spans"]
-        assert set(means) == {"reasoning", "final"}
-        for e in means.values():
-            assert 0 < e["mean_entropy"] < np.log(tk.VOCAB_SIZE) and 0 < e["mean_topk_mass"] <= 1
+        assert set(means) == set(masses) == {"reasoning", "final"}
+        # float16 log-probs near -12 are rounded by up to 2^-8, their exp by up to 0.4%
+        for name, e in means.items():
+            assert e["positions"] == len(masses[name])
+            assert e["mean_topk_mass"] == pytest.approx(np.mean(masses[name]), rel=2**-8)
+        # (mean_entropy needs the full vocabulary: checked against the reference forward above)
 
 
 def test_sidecar_check_refuses_a_changed_dataset(scored, tmp_path):

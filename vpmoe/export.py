@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,12 +18,17 @@ from vpmoe import provenance
 from vpmoe import tokenizer as tk
 from vpmoe.artifacts import weights
 from vpmoe.artifacts.files import remove_dir, write_failed, write_json
-from vpmoe.artifacts.lock import lock_dir
+from vpmoe.artifacts.lock import LOCK_FILE, lock_dir
 from vpmoe.artifacts.models import load_model, read_provenance, resolve, save_model
 from vpmoe.errors import UserError
 
 
 MARK = "export.json"  # in <out>.partial: an export wrote this directory
+
+# What an export writes in `<out>.partial`: the lock, the mark (and write_json's temporary file of it) and, once
+# marked, the model directory (and remove_dir's renamed-aside copy of it, left by a removal that was killed).
+_ALWAYS = re.compile(rf"^({re.escape(LOCK_FILE)}|\.{re.escape(MARK)}\.tmp\d+)$")
+_ONCE_MARKED = re.compile(rf"^({re.escape(MARK)}|model|\.model\.old\d+)$")
 
 
 def export(path: str | Path, out: str | Path, shard_bytes: int = weights.DEFAULT_SHARD_BYTES) -> Path:
@@ -67,21 +73,29 @@ def _check_out(out: Path) -> None:
 
 
 def _start(partial: Path, source: Path) -> Path:
-    """A fresh `<out>.partial/model/`; an earlier export's leftovers (this export's mark) are removed, anything
-    else is refused."""
-    if (partial / MARK).is_file():
+    """A fresh `<out>.partial/model/`. Only what an export writes may be there: its lock file, and after an
+    earlier export stopped, its mark and its leftovers (removed here); anything else is refused, never deleted."""
+    marked = (partial / MARK).is_file()
+    foreign = sorted(entry.name for entry in partial.iterdir() if not _written_by_export(entry.name, marked))
+    if foreign:
+        raise UserError(f"{partial} exists but is not an export in progress: remove it, or choose another --out "
+                        f"(it holds {foreign[0]!r}, which vpmoe export does not write)")
+    leftovers = [entry for entry in partial.iterdir() if entry.name != LOCK_FILE]
+    if marked:
         print(f"note: removing the unfinished export in {partial}")
-        for entry in partial.iterdir():
-            if entry.is_dir():
-                remove_dir(entry)
-            elif entry.name != MARK and not entry.name.startswith(".vpmoe"):  # not the lock file
-                entry.unlink()
-    elif any(not p.name.startswith(".") for p in partial.iterdir()):
-        raise UserError(f"{partial} exists but is not an export in progress: remove it, or choose another --out")
+    for entry in leftovers:
+        if entry.is_dir():
+            remove_dir(entry)
+        elif entry.name != MARK:
+            entry.unlink()
     write_json(partial / MARK, {"source": provenance.portable_name(source)})
     stage = partial / "model"
     stage.mkdir()
     return stage
+
+
+def _written_by_export(name: str, marked: bool) -> bool:
+    return bool(_ALWAYS.match(name) or (marked and _ONCE_MARKED.match(name)))
 
 
 def _count_shards(directory: Path) -> int:
