@@ -20,7 +20,7 @@ from vpmoe.data.build import DataSection, build
 from vpmoe.data.inspect import inspect
 from vpmoe.data.loader import SplitReader
 from vpmoe.errors import UserError
-from vpmoe.provenance import file_sha256
+from vpmoe.artifacts.files import file_sha256
 from vpmoe.spans import NAMES as SPAN_NAMES
 from vpmoe.teacher import score as score_mod
 from vpmoe.teacher.config import ScoreConfig, ScoreSection, TeacherSection

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import vpmoe
 from vpmoe import tokenizer
-from vpmoe.artifacts.files import file_sha256, hash_file  # noqa: F401  (part of this module's interface)
 
 TOOLS = ("torch", "numpy", "openai-harmony", "tiktoken", "transformers", "safetensors")
 
