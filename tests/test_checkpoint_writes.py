@@ -126,3 +126,26 @@ def test_a_training_run_keeps_exactly_checkpoint_keep(tmp_path, small_dataset):
         "train.steps=3", "checkpoint.every=1", "checkpoint.keep=2", "optim.warmup_steps=1"]))
     assert sorted(p.name for p in checkpoints.checkpoint_dir(run).iterdir()) == ["step_0000002", "step_0000003"]
     assert all(checkpoints.is_checkpoint(p) for p in checkpoints.checkpoint_dir(run).iterdir())
+
+
+def test_a_re_save_dying_while_the_old_step_is_deleted_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """The old step is renamed aside before the new one takes its name: deleting it may fail half-way without
+    leaving a half-deleted checkpoint under the step's name (a delete-then-rename would)."""
+    run = tmp_path / "run"
+    save(run, 5, seed=1)
+    real = shutil.rmtree
+
+    def dying(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.lstrip(".").startswith("step_0000005"):  # the old step, under its name or renamed aside
+            for shard in path.glob("*.distcp"):
+                shard.unlink()
+            raise Disk(5, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying)
+    with pytest.raises(RunError, match="could not go on: Input/output error"):
+        save(run, 5, seed=2)
+    monkeypatch.undo()
+    [kept] = checkpoints.complete_checkpoints(run)
+    assert checkpoints.verify(kept) is None and loaded_seed(kept) == 2

@@ -8,7 +8,8 @@
                                       complete.json (written last, before the rename: the size and sha256 of
                                       every other file, hashed by all ranks, each its share)
 Only directories named step_NNNNNNN that hold complete.json are ever resumed from. Saving a step that exists
-replaces it by renaming (the old one is moved aside first), so a crash leaves a complete checkpoint of that step;
+replaces it by renaming (the old one is moved aside first), so a crash leaves a complete checkpoint under that
+step's name or none (the old one then lies aside as .step_NNNNNNN.old<pid>, and a resume takes the step before);
 old checkpoints are removed the same way, so a crash never leaves one half-deleted.
 
 A checkpoint is verified against its complete.json when it is chosen (`choose` for a run, `verify` for one

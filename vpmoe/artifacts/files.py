@@ -4,8 +4,8 @@
 - `read_json`: a JSON file or a UserError naming it (missing, unreadable, corrupt).
 - `staged_dir`: a directory built under a temporary name beside its final path and renamed into place when the
   block succeeds; on failure the temporary directory (which only this process wrote) is removed. An existing final
-  directory is replaced only when the caller says it may be, and then by renaming it aside first, so that a crash
-  leaves the old or the new directory, never neither.
+  directory is replaced only when the caller says it may be, and then by renaming it aside first, so that the final
+  name never holds half a directory (a crash between the two renames leaves the old one aside as .NAME.old<pid>).
 - `remove_dir`: a directory renamed aside, then deleted: its name is free at once, and a crash never leaves a
   half-deleted directory under its name (a checkpoint without its data but with its completion mark).
 - `file_sha256`: the sha256 of a file, read in large blocks.
