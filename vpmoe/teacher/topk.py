@@ -60,7 +60,7 @@ def score_positions(
     """Score N positions: `hidden` [N, H] final hidden states, `targets` [N] the actual next tokens.
 
     Per chunk (passes over the chunk x vocab fp32 buffers in brackets): logits [write], softmax [3 reads,
-    write], the top-K by group maxima [read], entropy as one batched dot product sum(p * logit) [2 reads]. The
+    write], the top-K by group maxima [read], entropy from sum(p * logit) [2 reads, write, read]. The
     log-normalizer comes from the top-1 entry, logsumexp = logit_max - log(p_max), with p_max >= 1 / vocab, so
     every log-prob is `logit - logsumexp` from fp32 logits (no log of a tiny probability).
     """
@@ -84,7 +84,8 @@ def score_positions(
         out.topk_logprobs[start:stop] = top
         out.topk_mass[start:stop] = top.exp().sum(-1)
         out.target_logprob[start:stop] = logits.gather(1, targets[start:stop, None].long()).squeeze(1) - lse
-        # entropy = logsumexp - sum(p * logit)
-        out.entropy[start:stop] = lse - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+        # entropy = logsumexp - sum(p * logit), the sum a library reduction (a long fp32 dot product drifted by
+        # ~1e-4 relative over 201,088 entries); probs is not needed afterwards, so it holds the products
+        out.entropy[start:stop] = lse - probs.mul_(logits).sum(-1)
         del logits, probs
     return out
