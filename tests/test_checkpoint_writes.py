@@ -24,6 +24,21 @@ class Disk(OSError):
     pass
 
 
+def die_deleting(monkeypatch, step: str) -> None:
+    """shutil.rmtree of a directory whose name holds `step` deletes its shards, then fails like a dying disk."""
+    real = shutil.rmtree
+
+    def dying(path, *args, **kwargs):
+        path = Path(path)
+        if step in path.name:
+            for shard in path.glob("*.distcp"):
+                shard.unlink()
+            raise Disk(5, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying)
+
+
 def tiny(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Linear(8, 4)
@@ -96,17 +111,7 @@ def test_a_pruned_checkpoint_is_unmarked_before_its_files_go(tmp_path, monkeypat
     claims to be complete: `vpmoe eval --all-steps` and resume would trust it."""
     run = tmp_path / "run"
     save(run, 1, seed=1, keep=1)
-    real = shutil.rmtree
-
-    def dying(path, *args, **kwargs):
-        path = Path(path)
-        if "step_0000001" in path.name:  # pruning renames it aside first, then deletes
-            for shard in path.glob("*.distcp"):
-                shard.unlink()
-            raise Disk(5, "Input/output error")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", dying)
+    die_deleting(monkeypatch, "step_0000001")  # pruning renames it aside first, then deletes
     with pytest.raises(RunError, match="could not go on: Input/output error"):
         save(run, 2, seed=2, keep=1)
     assert [p.name for p in checkpoints.complete_checkpoints(run)] == ["step_0000002"]
@@ -133,17 +138,7 @@ def test_a_re_save_dying_while_the_old_step_is_deleted_leaves_no_half_checkpoint
     leaving a half-deleted checkpoint under the step's name (a delete-then-rename would)."""
     run = tmp_path / "run"
     save(run, 5, seed=1)
-    real = shutil.rmtree
-
-    def dying(path, *args, **kwargs):
-        path = Path(path)
-        if path.name.lstrip(".").startswith("step_0000005"):  # the old step, under its name or renamed aside
-            for shard in path.glob("*.distcp"):
-                shard.unlink()
-            raise Disk(5, "Input/output error")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", dying)
+    die_deleting(monkeypatch, "step_0000005")  # the old step, under its name or renamed aside
     with pytest.raises(RunError, match="could not go on: Input/output error"):
         save(run, 5, seed=2)
     monkeypatch.undo()
