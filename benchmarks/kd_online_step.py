@@ -22,7 +22,7 @@ Rows (each the real `Trainer.step` or the teacher's `forward`, after warmup):
   kd_online     the same student with the stage's mix (teacher forward per micro-batch, chunked KL, hidden term)
   teacher       the teacher's bare forward over the same micro-batches (no_grad: body, states at the supervised
                 positions, and the head's logits there, chunk by chunk)
-Goal: kd_online step time <= (ce step + teacher forward) x 1.10.
+Goal: kd_online step time <= (ce step + teacher forward) x 1.10, on the median of the timed steps (means beside).
 Loss side: the peak memory above the inputs of the kd_online loss alone (chunked CE + forward KL from hidden states,
 the hidden-state cosine through the projections, forward + backward) at 8,192 tokens, per chunk size; goal <= 2 GiB
 (the head's fp32 gradient, which every step holds, is counted in and shown apart).
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 
 import torch
@@ -105,14 +106,16 @@ def teacher_forward(teacher: OnlineTeacher, trainer: Trainer, args, device) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    begin = time.perf_counter()
+    each = []
     for _ in range(args.steps):
+        begin = time.perf_counter()
         once()
-    synchronize(device)
-    seconds = (time.perf_counter() - begin) / args.steps
+        synchronize(device)
+        each.append(time.perf_counter() - begin)
+    seconds = sum(each) / args.steps
     rows = next(data)
     fed = documents(rows.input_ids, rows.doc_ids, rows.label_spans > 0).fed_tokens
-    out = {"step_ms": 1000 * seconds, "tokens_per_s": args.micro_batch * trainer.seq_len / seconds,
+    out = {"step_ms": 1000 * seconds, "median_ms": 1000 * statistics.median(each), "tokens_per_s": args.micro_batch * trainer.seq_len / seconds,
            "weights_gib": teacher.weight_bytes / 2**30,
            # each packed document is fed alone, in right-padded buckets: fed tokens per row token
            "fed_per_row_token": fed / rows.input_ids.numel()}
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--experts-implementation", help="the teacher's (transformers; e.g. grouped_mm)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="the student's, in both steps")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.tiny:
@@ -196,16 +199,19 @@ def main() -> None:
             results["teacher"] = teacher_forward(teacher, trainer, args, device)
             student_dim, n_student = trainer.model_cfg.model.hidden_size, trainer.model_cfg.model.n_layers
         release(trainer)
-        print(f"{stage}: {results[stage]['step_ms']['total']:.1f} ms/step, "
+        print(f"{stage}: {results[stage]['step_ms']['median']:.1f} ms/step (median), "
               f"{results[stage]['tokens_per_s']:.0f} tokens/s, peak {results[stage]['peak_memory_gib']} GiB")
-    bound = results["ce"]["step_ms"]["total"] + results["teacher"]["step_ms"]
-    results["goal_step"] = {"kd_online_ms": results["kd_online"]["step_ms"]["total"],
-                            "ce_plus_teacher_ms": bound,
-                            "ratio": results["kd_online"]["step_ms"]["total"] / bound, "goal_ratio": 1.10}
+    # the goal on median steps (one slow step moves a mean of 10 by 10%), the means beside them
+    median = results["ce"]["step_ms"]["median"] + results["teacher"]["median_ms"]
+    mean = results["ce"]["step_ms"]["total"] + results["teacher"]["step_ms"]
+    results["goal_step"] = {"kd_online_ms": results["kd_online"]["step_ms"]["median"],
+                            "ce_plus_teacher_ms": median,
+                            "ratio": results["kd_online"]["step_ms"]["median"] / median, "goal_ratio": 1.10,
+                            "ratio_of_means": results["kd_online"]["step_ms"]["total"] / mean}
     results["loss_side"] = [loss_side_memory(teacher, student_dim, n_student, chunk, args, device)
                             for chunk in ([args.kl_chunk_tokens] if args.tiny else sorted({256, 512, 1024,
                                                                                              args.kl_chunk_tokens}))]
-    print(f"teacher forward: {results['teacher']['step_ms']:.1f} ms, {results['teacher']['tokens_per_s']:.0f} tokens/s")
+    print(f"teacher forward: {results['teacher']['median_ms']:.1f} ms (median), {results['teacher']['tokens_per_s']:.0f} tokens/s")
     print(f"kd_online / (ce + teacher) = {results['goal_step']['ratio']:.3f} (goal <= 1.10)")
     print(f"loss side: {results['loss_side']}")
     if args.out:

@@ -84,18 +84,19 @@ def test_measure_runs_the_real_training_step(monkeypatch):
     cfg = load_train_config(TINY, SMALL)
     trainer = synthetic_trainer(cfg, SMALL_MODEL)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    # The timed steps took 3.2 s by this clock: 2 steps of 1 x 64 tokens -> 40 tokens/s, 1600 ms per step.
-    monkeypatch.setattr(measure_module, "time", Clock(100.0, 103.2))
-    result = measure(trainer, warmup=1, steps=2)
-    assert trainer.global_step == 3  # the optimizer stepped every time
+    # The timed steps took 1.0, 1.0 and 2.0 s by this clock: 3 steps of 1 x 64 tokens in 4 s -> 48 tokens/s,
+    # 1333.3 ms per step on average, 1000 ms the median step.
+    monkeypatch.setattr(measure_module, "time", Clock(100.0, 100.0, 101.0, 101.0, 102.0, 102.0, 104.0, 104.0))
+    result = measure(trainer, warmup=1, steps=3)
+    assert trainer.global_step == 4  # the optimizer stepped every time
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert "head.weight" in changed and "layers.1.mlp.experts.up" in changed
     ms = result["step_ms"]
-    assert {"forward", "backward", "optimizer", "total", "other"} <= set(ms)
+    assert {"forward", "backward", "optimizer", "total", "median", "other"} <= set(ms)
     assert ms["forward"] > 0 and ms["backward"] > 0 and ms["optimizer"] > 0
-    assert result["tokens_per_s"] == pytest.approx(2 * 1 * 64 / 3.2, rel=1e-12)  # micro-batch 1, no accumulation
-    assert ms["total"] == pytest.approx(1600.0, rel=1e-12)
-    assert ms["other"] == pytest.approx(1600.0 - ms["forward"] - ms["backward"] - ms["optimizer"], abs=0.02)
+    assert result["tokens_per_s"] == pytest.approx(3 * 1 * 64 / 4.0, rel=1e-12)  # micro-batch 1, no accumulation
+    assert ms["total"] == pytest.approx(4000.0 / 3, abs=0.005) and ms["median"] == 1000.0  # rounded to 0.01 ms
+    assert ms["other"] == pytest.approx(4000.0 / 3 - ms["forward"] - ms["backward"] - ms["optimizer"], abs=0.02)
     assert result["n_layers"] == 3 and result["router"]["experts_active_mean"] > 0
     set_micro_batch(trainer, 2, grad_accum=2)
     assert next(trainer.data).input_ids.shape == (2, 64) and trainer.cfg.data.grad_accum == 2

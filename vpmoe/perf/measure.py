@@ -4,6 +4,7 @@ MFU. One process, one device."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -69,15 +70,19 @@ def measure(trainer: Trainer, warmup: int, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     begin = time.perf_counter()
+    each = []  # per step: the median resists a step slowed by something outside it
     for _ in range(steps):
+        start = time.perf_counter()
         trainer.step()
-    synchronize(device)
+        synchronize(device)
+        each.append(time.perf_counter() - start)
     seconds = time.perf_counter() - begin
     window, _ = trainer.take_window()
     record = trainer.metrics(window, seconds)
     step_ms = dict(record["step_ms"])
     step_ms["total"] = 1000 * seconds / steps
-    step_ms["other"] = step_ms["total"] - sum(v for k, v in step_ms.items() if k != "total")
+    step_ms["median"] = 1000 * statistics.median(each)
+    step_ms["other"] = step_ms["total"] - sum(v for k, v in step_ms.items() if k not in ("total", "median"))
     cfg = trainer.cfg
     summary = {
         "model": trainer.model_cfg.model.name,
