@@ -59,11 +59,12 @@ def save_qwen3(directory: str | Path, seed: int = 0, vocab_size: int = tk.VOCAB_
 
 
 def registry_text(root_name: str = "qwen3-0_6B-o200k", vocab: int = tk.VOCAB_SIZE, donor: dict | None = None,
-                  pins: dict[str, str] | None = None) -> str:
-    """A registry of the miniature chain from an HF root (the o200k donor) to vpMoE."""
+                  pins: dict[str, str] | None = None, root: bool = True) -> str:
+    """A registry of the miniature chain from an HF root (the o200k donor) to vpMoE (without the root's entry when
+    `root` is False: transplant_registry_text has it, as the transplant's target)."""
     d = dict(TINY_DONOR, **(donor or {}))
     pins = pins or {}
-    lines = [
+    lines = [] if not root else [
         f'[objects."{root_name}"]', 'kind = "hf"', 'parent = ""', 'step = ""',
         f'sha256 = "{pins.get(root_name, "")}"',
         f'[objects."{root_name}".hf]', 'architecture = "Qwen3ForCausalLM"',
@@ -211,6 +212,7 @@ def save_vocab_donor(directory: str | Path, config, tokenizer=None, seed: int = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.tie_word_embeddings = True
+    config.architectures = ["GptOssForCausalLM"]
     config.save_pretrained(str(directory))
     gen = torch.Generator().manual_seed(seed)
     embed = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
