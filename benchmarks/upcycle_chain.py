@@ -134,7 +134,11 @@ QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+    """The peak RSS of this process (VmHWM: ru_maxrss of a child also carries its parent's peak across fork + exec)
+    or of its largest finished child (the transplant's mergekit subprocess)."""
+    status = Path("/proc/self/status").read_text()
+    own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024 / 2**30  # both in KiB
 
 
 def run_one_step(config: str, overrides: list[str]) -> None:
