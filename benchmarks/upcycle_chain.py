@@ -16,14 +16,23 @@ step, after the block-wise morph, and after healing.
    (the benchmark's stand-in for `vpmoe upcycle`'s [heal] stage, whose `vpmoe train` needs the full o200k
    vocabulary), with the aux-loss-free balancing update after every step.
 
-The real-shape chain (`--real-shape DIR`, CPU is enough): a random donor with Qwen3-0.6B's exact geometry at the
-o200k vocabulary (the `qwen3-0_6B-o200k` object; step 1, mergekit with gpt-oss-20b as vocabulary donor, is not run)
-goes through steps 2-5 of the shipped registry to the 6.0B-parameter vpMoE, each step a `vpmoe upcycle` in its own
-process (steps 4 and 5 streamed, weights in `--dtype`); reported per step: peak RSS, minutes, and whether the
-written tensors have the spec's shapes and parameter count (goal: peak RSS <= 16 GiB). `--tiny` runs the same on
-the test miniature (seconds), to check the path.
+Agreement is reported twice per object: against the ORIGINAL donor (drift_from_donor) and against the object its
+step converted (drift_from_previous, what `vpmoe upcycle`'s drift.json measures: its "reference" says so).
 
-    python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype fp32|bf16] [--tiny]
+The real-shape chain (`--real-shape DIR`, CPU is enough): a donor with Qwen3-0.6B's exact configuration (transformers'
+Qwen3Config: hidden 1024, 28 layers, 16/8 heads of 128, intermediate 3072, vocabulary 151,936, tied; random weights)
+and a synthetic tokenizer of 151,936 tokens built in-process from o200k (vpmoe.testing.upcycle.
+synthetic_qwen3_tokenizer: 140,000 shared regular tokens, 11,933 of its own, Qwen's specials) goes through all five
+steps of the shipped registry, each a `vpmoe upcycle` in its own process: step 1 the transplant to o200k Harmony
+(201,088 rows) through mergekit-tokensurgeon, with a gpt-oss-20b-shaped vocabulary donor that holds only its
+embedding (random; method "subword": see make_roots), then steps 2-5 streamed (weights in `--dtype`) to the
+6.0B-parameter vpMoE. Reported per step: peak RSS, minutes, drift against the step's source, whether the written
+tensors have the spec's shapes and parameter count, and a load + one forward of the output in its own process (vpmoe
+objects through vpmoe.artifacts.models.load_model, the loader of `vpmoe eval`; the transplant's HF output through
+transformers), with that process's peak RSS (goal: every peak <= 16 GiB). `--tiny` runs the same on the test
+miniature (minutes), to check the path.
+
+    python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype fp32|bf16] [--tiny] [--records 8]
 
 Held-out loss: mean next-token NLL on records the donor never saw; agreement: KL(donor || model), top-1 agreement,
 max |dlogit| (vpmoe.upcycle.drift.compare_logits). Goals (issue 19): block-wise real <= 1.5 nats before any
@@ -48,19 +57,16 @@ import torch
 from upcycle_step2 import HIDDEN, LAYERS, batches, compat_config, donor_logits, evaluate, relabel, render, train_donor
 from vpmoe import tokenizer as tk
 from vpmoe.artifacts import weights
-from vpmoe.artifacts.files import write_json
-from vpmoe.artifacts.models import model_config
+from vpmoe.artifacts.models import load_model, model_config
 from vpmoe.config import shipped_dir
 from vpmoe.data import synthetic
 from vpmoe.data.harmony import HarmonyRenderer
 from vpmoe.model.config import MoESection
 from vpmoe.model.params import count_params
-from vpmoe.provenance import record
 from vpmoe.testing import upcycle as testing
 from vpmoe.upcycle import blockfit, expand, granular, morph, surgery
 from vpmoe.upcycle.config import load_upcycle_config
 from vpmoe.upcycle.drift import CalibrationRow
-from vpmoe.upcycle.objects import weights_sha256
 from vpmoe.upcycle.run import upcycle
 from vpmoe.upcycle.stream import expected_shapes
 
@@ -112,68 +118,140 @@ def heal(model, train_rows, steps, lr, seed, batch=16):
     return model.eval(), float(np.mean(losses[-20:]))
 
 
-REAL_STEPS = [("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "donor", "compat"),
+REAL_STEPS = [("transplant", "qwen3-0_6B", "qwen3-0_6B-o200k", "donor", "o200k"),
+              ("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", "o200k", "compat"),
               ("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", "compat", "real"),
               ("expand", "vpDense0-5_28.real", "vpDense", "real", "dense"),
               ("granular", "vpDense", "vpMoE", "dense", "moe")]
 SPEC_TOTALS = {"vpDense0-5_28.compat": 514_654_208, "vpDense0-5_28.real": 504_621_443, "vpDense": 676_949_807,
                "vpMoE": 6_022_557_487}  # architecture.md section 4
+# gpt-oss-20b's geometry (the registry's entry): the vocabulary donor stand-in holds only its embedding
+GPT_OSS_20B = dict(hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                   intermediate_size=2880)
+# Qwen3-0.6B's configuration (its config.json, random weights here)
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960)
+
+
+def _peak_rss_gib() -> float:
+    """The peak RSS of this process (VmHWM: ru_maxrss of a child also carries its parent's peak across fork + exec)
+    or of its largest finished child (the transplant's mergekit subprocess)."""
+    status = Path("/proc/self/status").read_text()
+    own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024 / 2**30  # both in KiB
 
 
 def run_one_step(config: str, overrides: list[str]) -> None:
     """Child process: one `vpmoe upcycle`, then its peak RSS and seconds as one JSON line."""
     t = time.time()
     upcycle(load_upcycle_config(config, overrides))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"seconds": time.time() - t, "peak_rss_gib": rss / 2**30}))
+    print(json.dumps({"seconds": time.time() - t, "peak_rss_gib": _peak_rss_gib()}))
+
+
+@torch.no_grad()
+def check_load(directory: str, dtype: str) -> None:
+    """Child process: load the object as `vpmoe eval` does (vpmoe objects: vpmoe.artifacts.models.load_model; the
+    transplant's Hugging Face output, which `vpmoe eval` refuses, with transformers) and run one forward on one short
+    sequence; its parameter count and whether the logits are finite, as one JSON line."""
+    t = time.time()
+    ids = torch.tensor([tk.encode("User: what is 2 + 3? Assistant: 5.")])
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if (Path(directory) / "config.json").is_file() and "architectures" in json.loads(
+            (Path(directory) / "config.json").read_text()):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
+        logits = model(input_ids=ids).logits
+        loader, params = "transformers AutoModelForCausalLM", sum(p.numel() for p in model.parameters())
+    else:
+        model = load_model(directory, dtype=torch_dtype).eval()
+        logits = model(ids).logits
+        loader, params = "vpmoe.artifacts.models.load_model (vpmoe eval)", count_params(model.cfg)["total"]
+        if sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()) < params:
+            raise SystemExit("the loaded model holds fewer tensors than `vpmoe params` counts")
+    print(json.dumps({"loader": loader, "dtype": dtype, "tokens": ids.shape[1], "logits_finite":
+                      bool(torch.isfinite(logits.float()).all()), "vocab": logits.shape[-1], "params": params,
+                      "seconds": time.time() - t, "peak_rss_gib": _peak_rss_gib()}))
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_roots(root: Path, tiny: bool, dtype: str) -> tuple[Path, str]:
+    """The step-1 inputs (the Qwen3 donor at its own vocabulary with its tokenizer, the vocabulary donor) and the
+    registry; returns (registry, the transplant's config section)."""
+    from vpmoe.testing.teachers import gpt_oss_config
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if tiny:
+        src_tok = testing.tiny_bpe(400, testing.QWEN_SPECIALS, seed=1)
+        donor_tok = testing.tiny_bpe(600, testing.HARMONY_SPECIALS, seed=2)
+        geometry, donor_geometry, specials = {}, dict(hidden_size=128), {
+            t: donor_tok.convert_tokens_to_ids(t) for t in testing.HARMONY_SPECIALS}
+        registry_text = testing.transplant_registry_text(
+            {"source_vocab": len(src_tok), "donor_vocab": len(donor_tok), "specials": specials}, vocab=tk.VOCAB_SIZE)
+        registry_text += "\n" + testing.registry_text(root=False)
+        registry = root / "objects.toml"
+        registry.write_text(registry_text)
+    else:
+        src_tok, donor_tok = testing.synthetic_qwen3_tokenizer(), None
+        geometry, donor_geometry = QWEN3_0_6B, GPT_OSS_20B
+        registry = shipped_dir("upcycle") / "objects.toml"
+    if not (root / "donor" / "config.json").exists():
+        t = time.time()
+        cfg = testing.qwen3_config(len(src_tok) if tiny else testing.QWEN3_VOCAB, tied=True, **geometry)
+        testing.random_qwen3(cfg, seed=0).to(torch_dtype).save_pretrained(str(root / "donor"))
+        src_tok.save_pretrained(str(root / "donor"))
+        vocab = len(donor_tok) if tiny else tk.VOCAB_SIZE
+        testing.save_vocab_donor(root / "vocab_donor", gpt_oss_config(vocab, **donor_geometry), donor_tok, seed=1,
+                                 dtype=torch_dtype)
+        print(f"donor and vocabulary donor written in {time.time() - t:.0f}s")
+    # subword: each new token's row is the mean of the rows of the pieces the donor's own tokenizer splits it into
+    # (the vocabulary donor's random embeddings carry nothing an OMP could use; OMP at k = 64 over ~140k shared rows
+    # of width 2880 is ~3e15 flops, hours on this CPU: the shipped config runs it on a GPU)
+    section = (f'[transplant]\ndonor = "{(root / "vocab_donor").as_posix()}"\ndonor_object = "gpt-oss-20b"\n'
+               f'method = "subword"\n')
+    return registry, section
 
 
 def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
-    if tiny:
-        registry = root / "objects.toml"
-        registry.write_text(testing.registry_text())
-    else:
-        registry = shipped_dir("upcycle") / "objects.toml"
-    if not (root / "donor" / "provenance.json").exists():
-        t = time.time()
-        donor = None if tiny else testing.qwen3_config(
-            hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-            num_key_value_heads=8, head_dim=128, tied=True)
-        testing.save_qwen3(root / "donor", seed=0, **({} if tiny else {"model": testing.random_qwen3(donor)}))
-        if not tiny:  # the registry checks the donor's o200k Harmony special tokens and the transplant's record
-            tk.write_hf_tokenizer(root / "donor")
-            write_json(root / "donor" / "provenance.json", record(
-                "checkpoint_object", "", object="qwen3-0_6B-o200k", step="transplant",
-                weights_sha256=weights_sha256(root / "donor"),
-                details={"note": "random weights of Qwen3-0.6B's geometry at the o200k vocabulary: a stand-in for "
-                                 "the transplant's output (benchmarks/upcycle_chain.py --real-shape)"}))
-        print(f"random donor written in {time.time() - t:.0f}s")
+    registry, transplant_section = make_roots(root, tiny, dtype)
     results = {}
     for step, source, target, inp, out in REAL_STEPS:
         config = root / f"{step}.toml"
+        extra = transplant_section if step == "transplant" else ""
         config.write_text(testing.step_config_text(step, source, target, root / inp, root / out, registry,
-                                                   records=records))
+                                                   records=records, extra=extra))
         overrides = ["upcycle.overwrite=true"]
-        if step in ("expand", "granular"):
+        if step != "transplant":
             overrides += ["upcycle.stream=true", f"upcycle.dtype={dtype}"]
-        proc = subprocess.run([sys.executable, __file__, "--run-step", str(config), *overrides], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
-        numbers = json.loads(proc.stdout.strip().splitlines()[-1])
-        cfg = model_config(root / out)
-        numbers["shapes_match_config"] = weights.shapes(root / out) == expected_shapes(cfg)
-        numbers["params_total"] = count_params(cfg)["total"]
-        if not tiny:
-            numbers["params_match_spec"] = numbers["params_total"] == SPEC_TOTALS[target]
-        drift = json.loads((root / out / "drift.json").read_text())["metrics"]["spans"]["all"]
-        numbers["drift"] = {k: drift[k] for k in ("kl_mean", "top1_agreement", "max_abs_dlogit")}
+        numbers = _child(["--run-step", str(config), *overrides])
+        numbers["load_check"] = _child(["--check-load", str(root / out), dtype])
+        drift = json.loads((root / out / "drift.json").read_text())
+        numbers["drift_against"] = drift["reference"]
+        numbers["drift"] = {k: drift["metrics"]["spans"]["all"].get(k) for k in (
+            "kl_mean", "top1_agreement", "max_abs_dlogit", "source_bits_per_byte", "result_bits_per_byte")
+            if k in drift["metrics"]["spans"]["all"]}
+        if step == "transplant":
+            numbers["transplant"] = drift["step_numbers"]
+        else:
+            cfg = model_config(root / out)
+            numbers["shapes_match_config"] = weights.shapes(root / out) == expected_shapes(cfg)
+            numbers["params_total"] = count_params(cfg)["total"]
+            if not tiny:
+                numbers["params_match_spec"] = numbers["params_total"] == SPEC_TOTALS[target]
         results[f"{step} -> {target}"] = numbers
-        print(f"{step:<9} -> {target:<22} {numbers['seconds'] / 60:6.1f} min  peak RSS {numbers['peak_rss_gib']:5.2f} "
-              f"GiB  params {numbers['params_total']:,}  shapes ok {numbers['shapes_match_config']}")
+        print(f"{step:<10} -> {target:<22} {numbers['seconds'] / 60:6.1f} min  peak RSS {numbers['peak_rss_gib']:5.2f} "
+              f"GiB  load+forward {numbers['load_check']['peak_rss_gib']:5.2f} GiB  params "
+              f"{numbers['load_check']['params']:,}  finite {numbers['load_check']['logits_finite']}")
+    peak = max(max(r["peak_rss_gib"], r["load_check"]["peak_rss_gib"]) for r in results.values())
     return {"dtype": dtype, "tiny": tiny, "calibration_records": records, "steps": results,
-            "goal_peak_rss_le_16gib": max(r["peak_rss_gib"] for r in results.values()) <= 16}
+            "peak_rss_gib": peak, "goal_peak_rss_le_16gib": peak <= 16}
 
 
 def main(argv=None):
@@ -193,9 +271,12 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="--real-shape on the test miniature")
     parser.add_argument("--records", type=int, default=8, help="--real-shape: calibration records of the drift")
     parser.add_argument("--run-step", nargs="+", metavar=("CONFIG", "OVERRIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--check-load", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_step:
         return run_one_step(args.run_step[0], args.run_step[1:])
+    if args.check_load:
+        return check_load(*args.check_load)
     if args.real_shape:
         report = real_shape(Path(args.real_shape), args.dtype, args.tiny, args.records)
         name = f"upcycle_chain_real_shape_{args.dtype}.json"
@@ -219,11 +300,19 @@ def main(argv=None):
     reference = donor_logits(donor, valid)
     loss, drift = {"donor": evaluate(lambda x: donor(input_ids=x).logits, valid)[0]}, {}
 
-    def measure(name, model):
+    logits_of = {"donor": reference}
+    drift_prev = {}
+
+    def measure(name, model, previous):
+        """Held-out loss; drift from the ORIGINAL donor and from `previous`, the object this step converted."""
         model.eval()
+        with torch.no_grad():
+            logits_of[name] = [model(torch.from_numpy(tokens)[None]).logits[0].float() for tokens, _ in valid]
         loss[name], drift[name] = evaluate(lambda x: model(x).logits, valid, reference)
-        print(f"{name:<28} held-out loss {loss[name]['all']:.4f}  top-1 agreement "
-              f"{drift[name]['top1_agreement']:.3f}  ({time.time() - t0:.0f}s)")
+        drift_prev[name] = {"previous": previous, **evaluate(lambda x: model(x).logits, valid, logits_of[previous])[1]}
+        print(f"{name:<28} held-out loss {loss[name]['all']:.4f}  vs donor: top-1 {drift[name]['top1_agreement']:.3f} "
+              f"KL {drift[name]['kl_mean']:.4f}  vs {previous}: top-1 {drift_prev[name]['top1_agreement']:.3f} "
+              f"KL {drift_prev[name]['kl_mean']:.4f}  ({time.time() - t0:.0f}s)")
 
     state = {k: v.detach().float() for k, v in donor.state_dict().items()}
     facts = {"hidden": HIDDEN, "layers": LAYERS, "head_dim": HEAD_DIM, "vocab": vocab, "heads": HEADS,
@@ -233,10 +322,10 @@ def main(argv=None):
     compat, _ = surgery.convert(state, facts, compat_config(vocab), "fit", donor=donor, fit_rows=fit_rows,
                                 ridge=1e-3)
     timings["surgery_fit"] = time.time() - t
-    measure("compat_fit", compat)
+    measure("compat_fit", compat, "donor")
 
     mapped, details = morph.convert(compat, compat_config(vocab, "real"))
-    measure("real_mapped", mapped)
+    measure("real_mapped", mapped, "compat_fit")
     n_held = max(1, len(fit_rows) // 8)
     block_reports = {}
     for q_init in ("svd", "whitened"):
@@ -245,12 +334,12 @@ def main(argv=None):
         settings = blockfit.FitSettings(steps=args.fit_steps, lr=args.fit_lr, q_init=q_init)
         block_reports[q_init] = blockfit.fit_blocks(compat, real, fit_rows[:-n_held], fit_rows[-n_held:], settings)
         timings[f"blockwise_{q_init}"] = time.time() - t
-        measure(f"real_blockwise_{q_init}_init", real)
+        measure(f"real_blockwise_{q_init}_init", real, "compat_fit")
 
     dense, _ = expand.convert(real, dense_config(vocab, EXPANDED_LAYERS))
-    measure("dense_expanded", dense)
+    measure("dense_expanded", dense, "real_blockwise_whitened_init")
     moe, gran = granular.convert(dense, moe_config(vocab, EXPANDED_LAYERS), seed=args.seed)
-    measure("moe", moe)
+    measure("moe", moe, "dense_expanded")
     with torch.no_grad():
         exact = {"expand": max(float((dense(torch.from_numpy(tk)[None]).logits - real(torch.from_numpy(tk)[None])
                                       .logits).abs().max()) for tk, _ in valid[:8]),
@@ -261,7 +350,7 @@ def main(argv=None):
     t = time.time()
     healed, heal_loss = heal(moe, train, args.heal_steps, args.heal_lr, args.seed)
     timings["healing"] = time.time() - t
-    measure(f"moe_healed_{args.heal_steps}", healed)
+    measure(f"moe_healed_{args.heal_steps}", healed, "moe")
 
     print(f"\nheld-out loss (nats/token; {len(valid)} records; uniform would be {math.log(vocab):.2f})")
     print(f"{'object':<28}{'all':>8}{'reasoning':>11}{'final':>8}{'top-1 agr.':>12}{'KL':>8}")
@@ -278,7 +367,10 @@ def main(argv=None):
            "donor": {"steps": args.steps, "train_loss": train_loss},
            "settings": {"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "heal_steps": args.heal_steps,
                         "heal_lr": args.heal_lr, "heal_final_train_loss": heal_loss, "seed": args.seed},
-           "held_out_loss": loss, "drift_from_donor": drift, "exact_max_abs_dlogit": exact, "goals": goals,
+           "held_out_loss": loss, "drift_from_donor": drift, "drift_from_previous": drift_prev,
+           "drift_note": "drift_from_donor: against the ORIGINAL donor after every step; drift_from_previous: against "
+                         "the object that step converted (what `vpmoe upcycle`'s drift.json reports)",
+           "exact_max_abs_dlogit": exact, "goals": goals,
            "blockwise": {k: v["blocks"] for k, v in block_reports.items()},
            "q_svd_relative_error": details["q_svd_relative_error"], "seconds": timings}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,19 @@ def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_loading_in_bf16_allocates_bf16_and_equals_loading_in_fp32_then_casting(tmp_path):
+    cfg = model_config("tiny_moe", "model.vocab_size=97")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.update_expert_bias(torch.randint(0, 20, (len(cfg.moe_layers), cfg.moe.n_experts)))
+    save_model(model, tmp_path / "ckpt")
+    got = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
+    want = model.cast_(torch.bfloat16).state_dict()  # the reference: fp32 values rounded once by a plain cast
+    assert {str(t.dtype) for t in got.state_dict().values()} == {"torch.bfloat16", "torch.float32"}
+    for name, tensor in got.state_dict().items():
+        assert tensor.dtype == want[name].dtype and torch.equal(tensor, want[name]), name
+
+
 def test_loading_into_another_shape_names_the_first_mismatched_tensor(tmp_path):
     save_model(Transformer(model_config("tiny_real", "model.vocab_size=97")), tmp_path)
     narrow = Transformer(model_config("tiny_real", "model.vocab_size=97", "ffn.dense_width=16"))

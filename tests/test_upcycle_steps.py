@@ -59,6 +59,7 @@ def test_every_step_writes_a_complete_object_with_provenance_and_drift(chain):
         parent_hash = prov["weights_sha256"]
         report = drift_of(d)
         assert report["source"] == source and report["target"] == target
+        assert report["reference"].startswith("source") and source in report["reference"]  # not the donor
         spans = report["metrics"]["spans"]
         assert spans["all"]["positions"] == sum(spans[s]["positions"] for s in ("none", "reasoning", "final"))
         assert spans["reasoning"]["positions"] > 0 and spans["final"]["positions"] > 0

@@ -1,4 +1,4 @@
-"""Streamed conversions (steps 4 and 5 from disk to disk, one layer at a time): the same tensors as the in-memory
+"""Streamed conversions (steps 2 to 5 from disk to disk, one layer at a time): the same tensors as the in-memory
 steps, drift measured block by block, and memory bounded by a layer, not by the model."""
 
 import json
@@ -51,6 +51,46 @@ def test_streamed_step_writes_the_in_memory_tensors_bitwise(tmp_path, step):
     assert details["target_layers" if step == "expand" else "slices"]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_surgery_and_morph_write_the_in_memory_tensors_bitwise(tmp_path, tied):
+    """Step 2 from the donor's safetensors (tied and untied head) and step 3 from the compat object on disk give the
+    tensors of the in-memory conversions, written sharded."""
+    from vpmoe.upcycle import hf, morph, surgery
+    from vpmoe.upcycle.registry import load_registry
+
+    testing.save_qwen3(tmp_path / "donor", seed=2, tied=tied)
+    (tmp_path / "objects.toml").write_text(testing.registry_text())
+    registry = load_registry(tmp_path / "objects.toml")
+    compat_cfg = registry.get("vpDense0-5_28.compat").model_config()
+    real_cfg = registry.get("vpDense0-5_28.real").model_config()
+    facts = hf.facts(tmp_path / "donor")
+    state = {k: v.detach() for k, v in hf.load_causal_lm(tmp_path / "donor").state_dict().items()
+             if k != hf.HEAD or facts["head_rows"]}
+    compat, want_details = surgery.convert(state, facts, compat_cfg)
+    details = {}
+    stream.write_streamed(tmp_path / "compat", compat_cfg, surgery.target_tensors(
+        facts, compat_cfg, hf.TensorReader(tmp_path / "donor"), details), shard_bytes=1 << 20)
+    assert (tmp_path / "compat" / weights.INDEX_FILE).is_file()
+    assert details == want_details and details["tied_donor_embeddings"] is tied
+    got = load_model(tmp_path / "compat").state_dict()
+    assert all(torch.equal(got[k], t) for k, t in compat.state_dict().items())
+    if not tied:  # the untied donor's own head, not its embedding
+        assert torch.equal(got["head.weight"], state[hf.HEAD])
+        assert not torch.equal(got["head.weight"], got["embed.weight"])
+    with torch.no_grad():
+        for p in compat.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(compat, tmp_path / "compat2")
+    real, want_details = morph.convert(compat, real_cfg, sink_init=-3.0, value_residual_init=-4.0)
+    details = {}
+    stream.write_streamed(tmp_path / "real", real_cfg, morph.target_tensors(
+        compat_cfg, real_cfg, stream.Reader(tmp_path / "compat2"), details, -3.0, -4.0), shard_bytes=1 << 20)
+    assert details == want_details
+    got = load_model(tmp_path / "real").state_dict()
+    assert set(got) == set(real.state_dict())
+    assert all(torch.equal(got[k], t) for k, t in real.state_dict().items())
+
+
 def test_streamed_forward_gives_the_models_logits(tmp_path):
     model = _random_dense(layers=8, vocab=201088)
     save_model(model, tmp_path / "m")
@@ -99,7 +139,7 @@ def chain(tmp_path_factory):
              ("expand", "vpDense0-5_28.real", "vpDense", "real", "dense"),
              ("granular", "vpDense", "vpMoE", "dense", "moe")]
     for step, source, target, inp, out in steps:
-        for streamed in (False, True) if step in ("expand", "granular") else (False,):
+        for streamed in (False, True):
             name = out + ("_streamed" if streamed else "")
             path = root / f"{name}.toml"
             path.write_text(testing.step_config_text(step, source, target, root / inp, root / name,
@@ -109,7 +149,7 @@ def chain(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("out", ["dense", "moe"])
+@pytest.mark.parametrize("out", ["compat", "real", "dense", "moe"])
 def test_streamed_chain_steps_match_the_in_memory_ones(chain, out):
     memory, streamed = chain / out, chain / f"{out}_streamed"
     assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
@@ -143,9 +183,17 @@ def test_stream_is_refused_where_it_does_not_apply(tmp_path):
     from vpmoe.errors import UserError
 
     path = tmp_path / "m.toml"
-    path.write_text(testing.step_config_text("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", tmp_path,
+    path.write_text(testing.step_config_text("transplant", "qwen3-0_6B", "qwen3-0_6B-o200k", tmp_path,
                                              tmp_path / "o", tmp_path / "objects.toml"))
     with pytest.raises(UserError, match="stream covers steps"):
         load_upcycle_config(path, ["upcycle.stream=true"])
+    path.write_text(testing.step_config_text("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real", tmp_path,
+                                             tmp_path / "o", tmp_path / "objects.toml"))
     with pytest.raises(UserError, match="needs upcycle.stream"):
         load_upcycle_config(path, ["upcycle.dtype=bf16"])
+    with pytest.raises(UserError, match="block-wise morph"):
+        load_upcycle_config(path, ["upcycle.stream=true", "morph.method=blockwise", "fit_data.dataset=d"])
+    path.write_text(testing.step_config_text("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", tmp_path,
+                                             tmp_path / "o", tmp_path / "objects.toml"))
+    with pytest.raises(UserError, match="surgery.method"):
+        load_upcycle_config(path, ["upcycle.stream=true", "surgery.method=fit"])

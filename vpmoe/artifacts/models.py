@@ -108,11 +108,10 @@ def load_weights(model: Transformer, path: str | Path) -> Artifact:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                kernels: Kernels | None = None) -> Transformer:
-    """Build the model of any vpmoe checkpoint path in fp32 on `device`, load it, then cast to `dtype` if given."""
-    model = build_model(model_config(path), device=device, kernels=kernels, init=False)
+    """Build the model of any vpmoe checkpoint path on `device` in `dtype` (fp32 if None; the fp32-only tensors stay
+    fp32) and load it: the values of loading in fp32 and casting (one rounding either way), without the fp32 copy."""
+    model = build_model(model_config(path), device=device, dtype=dtype, kernels=kernels, init=False)
     load_weights(model, path)
-    if dtype is not None:
-        model.cast_(dtype)
     return model
 
 

@@ -59,11 +59,12 @@ def save_qwen3(directory: str | Path, seed: int = 0, vocab_size: int = tk.VOCAB_
 
 
 def registry_text(root_name: str = "qwen3-0_6B-o200k", vocab: int = tk.VOCAB_SIZE, donor: dict | None = None,
-                  pins: dict[str, str] | None = None) -> str:
-    """A registry of the miniature chain from an HF root (the o200k donor) to vpMoE."""
+                  pins: dict[str, str] | None = None, root: bool = True) -> str:
+    """A registry of the miniature chain from an HF root (the o200k donor) to vpMoE (without the root's entry when
+    `root` is False: transplant_registry_text has it, as the transplant's target)."""
     d = dict(TINY_DONOR, **(donor or {}))
     pins = pins or {}
-    lines = [
+    lines = [] if not root else [
         f'[objects."{root_name}"]', 'kind = "hf"', 'parent = ""', 'step = ""',
         f'sha256 = "{pins.get(root_name, "")}"',
         f'[objects."{root_name}".hf]', 'architecture = "Qwen3ForCausalLM"',
@@ -162,3 +163,66 @@ def transplant_registry_text(facts: dict, vocab: int | None = None) -> str:
         f'vocab = {vocab or facts["donor_vocab"]}',
         '[objects."qwen3-0_6B-o200k".hf.special_tokens]', *specials, '',
     ])
+
+
+# ---- the real-shape step 1: a Qwen3-0.6B-size tokenizer and a vocabulary donor that holds only what is read ------
+
+QWEN3_VOCAB = 151936  # rows of Qwen3-0.6B's embedding
+
+
+def synthetic_qwen3_tokenizer(size: int = QWEN3_VOCAB, own: int = 11933):
+    """A byte-level BPE tokenizer of exactly `size` tokens, built in-process from o200k Harmony (nothing fetched):
+    the o200k regular tokens of the lowest ranks (with every merge among them, so it tokenizes text as a smaller
+    o200k would), `own` tokens that o200k lacks (the source-only rows a transplant drops), and Qwen's special tokens
+    last. Shared with o200k by string: size - own - len(QWEN_SPECIALS) regular tokens, plus <|endoftext|>."""
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = json.loads(tk.write_hf_tokenizer(tmp).read_text(encoding="utf-8"))
+    shared = size - own - len(QWEN_SPECIALS)
+    vocab = {t: i for t, i in raw["model"]["vocab"].items() if i < shared}
+    if len(vocab) != shared:
+        raise AssertionError("o200k's regular ids are not dense")
+    merges = [m for m in raw["model"]["merges"] if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    mine = [f"ĠQwenOnly{i:05d}" for i in range(own)]
+    if any(t in raw["model"]["vocab"] for t in mine):
+        raise AssertionError("a source-only token is in o200k")
+    vocab.update({t: shared + i for i, t in enumerate(mine)})
+    raw["model"]["vocab"], raw["model"]["merges"] = vocab, merges
+    raw["added_tokens"] = [{"id": shared + own + i, "content": t, "single_word": False, "lstrip": False,
+                            "rstrip": False, "normalized": False, "special": True}
+                           for i, t in enumerate(QWEN_SPECIALS)]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(raw)), eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    if len(tok) != size:
+        raise AssertionError(f"the synthetic tokenizer has {len(tok)} tokens, not {size}")
+    return tok
+
+
+def save_vocab_donor(directory: str | Path, config, tokenizer=None, seed: int = 0, dtype=torch.bfloat16) -> Path:
+    """A GPT-OSS vocabulary donor that holds only the tensors the transplant reads (the input embedding and the final
+    norm; the head is tied to the embedding), random, with `config` (the registry checks its geometry) and the given
+    tokenizer, or o200k Harmony's when None. A real-shape stand-in for gpt-oss-20b without its 20B weights."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.tie_word_embeddings = True
+    config.architectures = ["GptOssForCausalLM"]
+    config.save_pretrained(str(directory))
+    gen = torch.Generator().manual_seed(seed)
+    embed = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
+    for start in range(0, config.vocab_size, 8192):  # in slices: never an fp32 copy of the whole matrix
+        rows = embed[start:start + 8192]
+        rows.copy_(torch.randn(rows.shape, generator=gen))
+    save_file({"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(config.hidden_size, dtype=dtype)},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is None:
+        tk.write_hf_tokenizer(directory)
+    else:
+        tokenizer.save_pretrained(str(directory))
+    return directory

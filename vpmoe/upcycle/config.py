@@ -22,7 +22,7 @@ from typing import Literal
 from vpmoe import config as config_io
 
 STEPS = ("transplant", "surgery", "morph", "expand", "granular")
-STREAMED_STEPS = ("expand", "granular")
+STREAMED_STEPS = ("surgery", "morph", "expand", "granular")
 # Parameter groups the block-wise morph may train (vpmoe.upcycle.blockfit.trainable_names says what each holds).
 FIT_GROUPS = ("tpa", "bias", "sink", "value_residual", "frequency", "global_qk")
 
@@ -37,9 +37,9 @@ class UpcycleSection:
     registry: str = "configs/upcycle/objects.toml"
     seed: int = 0
     overwrite: bool = False  # replace an existing output directory (only one written by `vpmoe upcycle`)
-    # Steps expand and granular (whose models are large) read, convert and write one layer at a time and measure
-    # drift block by block: never two full models in memory (vpmoe.upcycle.stream). Their weights are then written
-    # in `dtype`; the in-memory path writes fp32.
+    # Steps surgery (method "mean"), morph (method "mapped"), expand and granular read, convert and write one layer at
+    # a time and measure drift block by block: never two full models in memory (vpmoe.upcycle.stream). Their weights
+    # are then written in `dtype`; the in-memory path writes fp32.
     stream: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
 
@@ -180,6 +180,12 @@ class UpcycleConfig:
             raise ValueError(f"upcycle.stream covers steps {list(STREAMED_STEPS)}; step {u.step!r} converts in memory")
         if u.dtype != "fp32" and not u.stream:
             raise ValueError("upcycle.dtype other than fp32 needs upcycle.stream = true")
+        if u.stream and u.step == "surgery" and self.surgery.method == "fit":
+            raise ValueError("surgery.method = \"fit\" needs the donor and the compat model in memory: not with "
+                             "upcycle.stream")
+        if u.stream and u.step == "morph" and self.blockwise_morph:
+            raise ValueError("the block-wise morph ([fit_data] or morph.method = \"blockwise\") fits in memory: not "
+                             "with upcycle.stream")
         if u.stream and self.granular.fit_router:
             raise ValueError("granular.fit_router needs the dense and the MoE model in memory: not with upcycle.stream")
         if self.heal.config and self.upcycle.step == "transplant":

@@ -49,6 +49,27 @@ def load_state(directory: str | Path, dtype: torch.dtype = torch.float32) -> dic
     return state
 
 
+class TensorReader:
+    """The tensors of a Hugging Face directory by name, read from its safetensors when asked, in fp32 (the streamed
+    surgery reads the donor one layer at a time)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files = {}
+        for path in weight_files(directory):
+            with safe_open(str(path), framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), path))
+
+    def __call__(self, names) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            if name not in self.files:
+                raise UserError(f"{self.directory}: the weights have no {name!r}")
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                out[name] = f.get_tensor(name).float()
+        return out
+
+
 def facts(directory: str | Path) -> dict:
     """The shape facts of a directory, as the registry's [hf] tables name them."""
     cfg = config_json(directory)

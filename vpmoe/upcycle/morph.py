@@ -19,6 +19,7 @@ Per layer (kind from the target config: global when (l + 1) % global_every == 0,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -26,6 +27,7 @@ from vpmoe.errors import UserError
 from vpmoe.model.config import ModelConfig
 from vpmoe.model.positions import grape_log_freq_init
 from vpmoe.model.transformer import Transformer, build_model
+from vpmoe.upcycle.stream import layer_names, layer_shapes
 
 
 def check_geometry(source: ModelConfig, target: ModelConfig) -> None:
@@ -111,43 +113,66 @@ def kv_exact(weight: torch.Tensor, n_kv: int, rank: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def convert(source: Transformer, cfg: ModelConfig, sink_init: float = -10.0,
             value_residual_init: float = -10.0) -> tuple[Transformer, dict]:
-    check_geometry(source.cfg, cfg)
-    a = cfg.attention
+    """The real model of a compat `source` held in memory (`target_tensors` streams the same tensors)."""
     model = build_model(cfg)
     src = source.state_dict()
     sd = model.state_dict()
-    for name in ("embed.weight", "head.weight", "final_norm.weight"):
-        sd[name].copy_(src[name])
+    details: dict = {}
+    for name, tensor in target_tensors(source.cfg, cfg, lambda names: {n: src[n] for n in names}, details, sink_init,
+                                       value_residual_init):
+        sd[name].copy_(tensor)
+    return model, details
+
+
+COPIED = ("attn_norm.weight", "mlp_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight", "attn.o_proj.weight",
+          "mlp.up.weight", "mlp.down.weight")
+
+
+def target_tensors(source_cfg: ModelConfig, cfg: ModelConfig, read, details: dict, sink_init: float = -10.0,
+                   value_residual_init: float = -10.0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the real model, layer by layer; `read(names)` gives the compat source's tensors by name (from
+    memory or from disk). `details` gets the step's record once the last layer is out."""
+    check_geometry(source_cfg, cfg)
+    a = cfg.attention
+    yield from read(["embed.weight"]).items()
     svd_errors = {}
     kinds = []
-    for layer, block in enumerate(model.layers):
+    for layer in range(cfg.model.n_layers):
         p = f"layers.{layer}."
-        kinds.append(block.attn.kind)
-        for name in ("attn_norm.weight", "mlp_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight",
-                     "attn.o_proj.weight", "mlp.up.weight", "mlp.down.weight"):
-            sd[p + name].copy_(src[p + name])
-        for name, tensor in sd.items():  # every bias starts at zero (the TPA A biases are set below)
-            if name.startswith(p) and (name.endswith(".bias") or name.endswith("_bias")):
-                tensor.zero_()
-        sd[p + "attn.sinks"].fill_(sink_init)
-        if block.value_residual_logit is not None:
-            sd[p + "value_residual_logit"].fill_(value_residual_init)
-        if block.attn.kind == "global":
+        kind = cfg.layer_kind(layer)
+        kinds.append(kind)
+        shapes = layer_shapes(cfg, layer)
+        src = read(layer_names(source_cfg, layer))
+        out = {p + name: src[p + name] for name in COPIED}
+        for name, shape in shapes.items():  # every bias starts at zero (the TPA A biases are set below)
+            if name.endswith(".bias") or name.endswith("_bias"):
+                out[name] = torch.zeros(shape)
+        out[p + "attn.sinks"] = torch.full(shapes[p + "attn.sinks"], sink_init)
+        if p + "value_residual_logit" in shapes:
+            out[p + "value_residual_logit"] = torch.full(shapes[p + "value_residual_logit"], value_residual_init)
+        if kind == "global":
             for name in ("q_proj", "k_proj", "v_proj"):
-                sd[p + f"attn.{name}.weight"].copy_(src[p + f"attn.{name}.weight"])
-            continue
-        sd[p + "attn.grape_log_freq"].copy_(grape_log_freq_init(a.head_dim, a.rope_base, a.grape_log_freq_scale))
-        a_bias, b, err = svd_heads(src[p + "attn.q_proj.weight"], a.n_heads, a.tpa_q_rank)
-        sd[p + "attn.q_a.weight"].zero_()
-        sd[p + "attn.q_a.bias"].copy_(a_bias.flatten())
-        sd[p + "attn.q_b.weight"].copy_(b)
-        svd_errors[str(layer)] = err
-        for name in ("k", "v"):
-            a_bias, b = kv_exact(src[p + f"attn.{name}_proj.weight"], a.n_kv_heads, a.tpa_kv_rank)
-            sd[p + f"attn.{name}_a.weight"].zero_()
-            sd[p + f"attn.{name}_a.bias"].copy_(a_bias.flatten())
-            sd[p + f"attn.{name}_b.weight"].copy_(b)
-    details = {
+                out[p + f"attn.{name}.weight"] = src[p + f"attn.{name}.weight"]
+        else:
+            out[p + "attn.grape_log_freq"] = grape_log_freq_init(a.head_dim, a.rope_base, a.grape_log_freq_scale)
+            a_bias, b, err = svd_heads(src[p + "attn.q_proj.weight"], a.n_heads, a.tpa_q_rank)
+            out[p + "attn.q_a.weight"] = torch.zeros(shapes[p + "attn.q_a.weight"])
+            out[p + "attn.q_a.bias"] = a_bias.flatten()
+            out[p + "attn.q_b.weight"] = b
+            svd_errors[str(layer)] = err
+            for name in ("k", "v"):
+                a_bias, b = kv_exact(src[p + f"attn.{name}_proj.weight"], a.n_kv_heads, a.tpa_kv_rank)
+                out[p + f"attn.{name}_a.weight"] = torch.zeros(shapes[p + f"attn.{name}_a.weight"])
+                out[p + f"attn.{name}_a.bias"] = a_bias.flatten()
+                out[p + f"attn.{name}_b.weight"] = b
+        for name in shapes:
+            if name not in out:
+                raise AssertionError(f"the morph makes no {name!r}")
+            yield name, out.pop(name)
+        if out:
+            raise AssertionError(f"the morph made tensors the real layer does not have: {sorted(out)}")
+    yield from read(["final_norm.weight", "head.weight"]).items()
+    details.update({
         "layer_kinds": kinds,
         "q_svd_rank": a.tpa_q_rank,
         "q_svd_relative_error": svd_errors,
@@ -157,5 +182,4 @@ def convert(source: Transformer, cfg: ModelConfig, sink_init: float = -10.0,
         "exact": ["GRAPE-M = RoPE (frozen frequencies)", "K/V through the A-bias", "zero biases"],
         "function_changes": ["window on local layers", "NoPE + ALiBi on global layers",
                              "rank-R_q Q on local layers", "sinks and value residual (near-identity)"],
-    }
-    return model, details
+    })

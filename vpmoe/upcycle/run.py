@@ -66,7 +66,11 @@ def _run_step(cfg: UpcycleConfig, registry: Registry, given: dict, staging: Path
         report = healed_report
     output_digest = objects.weights_sha256(staging)
     calibration = {**config_io.to_dict(cfg.calibration), "tokens": int(sum(len(r.tokens) for r in rows))}
+    # Drift is always against this step's own input (the previous object of the chain), never the original donor:
+    # the donor's agreement after several steps is benchmarks/upcycle_chain.py's (drift_from_donor).
     drift_doc = {"step": u.step, "source": source.name, "target": target.name, "calibration": calibration,
+                 "reference": f"source: the step's input object {source.name!r} (the previous object in the chain, "
+                              f"not the original donor)",
                  "metrics": report, "step_numbers": numbers}
     if healing is not None:
         drift_doc["healing"] = healing

@@ -88,7 +88,46 @@ class _VpmoeStep:
         return drift.summary(report)
 
 
-class Surgery(_VpmoeStep):
+class _StreamedStep(_VpmoeStep):
+    """With upcycle.stream: the step's `target_tensors` run from disk to disk, and drift is measured block by block
+    (the result always; the source too when it is a vpmoe object: a Hugging Face donor is run whole, the one full
+    model then in memory)."""
+
+    def run(self, ctx: StepContext) -> StepOutput:
+        if not ctx.cfg.upcycle.stream:
+            return super().run(ctx)
+        target_cfg = ctx.registry.get(ctx.cfg.upcycle.target).model_config()
+        _check_vocab(target_cfg.model.vocab_size, ctx.rows)
+        reader = self.reader(ctx)
+        details: dict = {}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ctx.cfg.upcycle.dtype]
+        stream.write_streamed(ctx.staging, target_cfg, self.target_tensors(ctx, reader, target_cfg, details), dtype)
+        result = stream.Reader(ctx.staging)
+        report = drift.drift_report(self.source_logits(ctx, reader),
+                                    stream.streamed_logits(result, ctx.rows, self.hook(details)), ctx.rows)
+        self.finish(details)
+        details["streamed"] = {"dtype": ctx.cfg.upcycle.dtype}
+        return StepOutput(details, report, lambda: self.source_logits(ctx, reader))
+
+    def reader(self, ctx: StepContext):
+        """The source's tensors by name, read from disk when asked."""
+        return stream.Reader(ctx.cfg.upcycle.input)
+
+    def source_logits(self, ctx: StepContext, reader) -> drift.LogitsFn:
+        return stream.streamed_logits(reader, ctx.rows)
+
+    def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
+        raise NotImplementedError
+
+    def hook(self, details: dict):
+        """`on_block` of the result's streamed forward (None: nothing to record)."""
+        return None
+
+    def finish(self, details: dict) -> None:
+        """Complete the details from what the streamed forward recorded."""
+
+
+class Surgery(_StreamedStep):
     numbers = ("method", "fit")
 
     def convert(self, ctx: StepContext, target_cfg):
@@ -105,8 +144,17 @@ class Surgery(_VpmoeStep):
                                           ridge=s.ridge)
         return drift.hf_logits(donor), result, details
 
+    def reader(self, ctx: StepContext):
+        return hf.TensorReader(ctx.cfg.upcycle.input)
 
-class Morph(_VpmoeStep):
+    def source_logits(self, ctx: StepContext, reader) -> drift.LogitsFn:
+        return drift.hf_logits(hf.load_causal_lm(ctx.cfg.upcycle.input))
+
+    def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
+        return surgery.target_tensors(hf.facts(ctx.cfg.upcycle.input), target_cfg, reader, details)
+
+
+class Morph(_StreamedStep):
     numbers = ("q_svd_rank", "q_svd_relative_error", "q_svd_relative_error_mean", "sink_init", "value_residual_init",
                "method", "blockwise")
 
@@ -131,35 +179,10 @@ class Morph(_VpmoeStep):
             details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
         return drift.vpmoe_logits(source), result, details
 
-
-class _StreamedStep(_VpmoeStep):
-    """With upcycle.stream: the step's `target_tensors` run from disk to disk, and drift is measured block by block."""
-
-    def run(self, ctx: StepContext) -> StepOutput:
-        if not ctx.cfg.upcycle.stream:
-            return super().run(ctx)
-        target_cfg = ctx.registry.get(ctx.cfg.upcycle.target).model_config()
-        _check_vocab(target_cfg.model.vocab_size, ctx.rows)
-        reader = stream.Reader(ctx.cfg.upcycle.input)
-        details: dict = {}
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ctx.cfg.upcycle.dtype]
-        stream.write_streamed(ctx.staging, target_cfg, self.target_tensors(ctx, reader, target_cfg, details), dtype)
-        result = stream.Reader(ctx.staging)
-        report = drift.drift_report(stream.streamed_logits(reader, ctx.rows),
-                                    stream.streamed_logits(result, ctx.rows, self.hook(details)), ctx.rows)
-        self.finish(details)
-        details["streamed"] = {"dtype": ctx.cfg.upcycle.dtype}
-        return StepOutput(details, report, lambda: stream.streamed_logits(reader, ctx.rows))
-
     def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
-        raise NotImplementedError
-
-    def hook(self, details: dict):
-        """`on_block` of the result's streamed forward (None: nothing to record)."""
-        return None
-
-    def finish(self, details: dict) -> None:
-        """Complete the details from what the streamed forward recorded."""
+        m = ctx.cfg.morph
+        details["method"] = "mapped"
+        return morph.target_tensors(reader.cfg, target_cfg, reader, details, m.sink_init, m.value_residual_init)
 
 
 class Expand(_StreamedStep):

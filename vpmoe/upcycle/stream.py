@@ -33,6 +33,11 @@ def layer_names(cfg: ModelConfig, layer: int) -> list[str]:
     return [f"layers.{layer}.{name}" for name in _meta_block(cfg, layer).state_dict()]
 
 
+def layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, list[int]]:
+    """name -> shape of one layer of a model of `cfg`, in the model's order."""
+    return {f"layers.{layer}.{name}": list(t.shape) for name, t in _meta_block(cfg, layer).state_dict().items()}
+
+
 def _meta_block(cfg: ModelConfig, layer: int) -> Block:
     with torch.device("meta"):
         return Block(cfg, layer)

@@ -26,6 +26,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from vpmoe.errors import UserError
@@ -34,6 +36,11 @@ from vpmoe.model.config import ModelConfig
 from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
 from vpmoe.model.transformer import Transformer, build_model, positions_from_doc_ids
 from vpmoe.upcycle import hf
+from vpmoe.upcycle.stream import layer_names
+
+HF_LAYER_LEAVES = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                   "self_attn.k_norm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                   "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 def check_geometry(facts: dict, cfg: ModelConfig) -> None:
@@ -89,53 +96,68 @@ def convert(state: dict[str, torch.Tensor], facts: dict, cfg: ModelConfig, metho
             donor=None, fit_rows=None, ridge: float = 1e-3, donor_states=None) -> tuple[Transformer, dict]:
     """Build the compat model from donor weights `state` (HF names). `donor`/`fit_rows` serve method "fit"
     (`donor_states` optionally reuses donor_residual_states(donor, fit_rows))."""
+    if method not in ("mean", "fit"):
+        raise UserError(f"surgery.method must be 'mean' or 'fit', got {method!r}")
+    model = build_model(cfg)
+    sd = model.state_dict()
+    details: dict = {}
+    facts = {**facts, "head_rows": state[hf.HEAD].shape[0] if hf.HEAD in state else None}
+    for name, tensor in target_tensors(facts, cfg, lambda names: {n: state[n] for n in names}, details):
+        sd[name].copy_(tensor)
+    details["method"] = method
+    if method == "fit":
+        if donor is None or not fit_rows:
+            raise ValueError("method 'fit' needs the donor model and calibration rows")
+        details["fit"] = fit_residual_stream(model, donor, fit_rows, ridge, donor_states)
+    return model, details
+
+
+def target_tensors(facts: dict, cfg: ModelConfig, read, details: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the compat model by pooling and unit selection (method "mean"), layer by layer; `read(names)`
+    gives the donor's tensors by HF name (from memory or from disk). `details` gets the step's record at the end."""
     check_geometry(facts, cfg)
     a = cfg.attention
     hd = a.head_dim
-    model = build_model(cfg)
-    sd = model.state_dict()
-    embed = state[hf.EMBED]
-    head = state.get(hf.HEAD, embed)
-    sd["embed.weight"].copy_(embed)
-    sd["head.weight"].copy_(head)
-    sd["final_norm.weight"].copy_(state["model.norm.weight"])
+    tied = not facts["head_rows"]
+    yield "embed.weight", read([hf.EMBED])[hf.EMBED]
     selected = []
     for layer in range(cfg.model.n_layers):
         src = f"model.layers.{layer}."
         dst = f"layers.{layer}."
-        sd[dst + "attn_norm.weight"].copy_(state[src + "input_layernorm.weight"])
-        sd[dst + "mlp_norm.weight"].copy_(state[src + "post_attention_layernorm.weight"])
-        sd[dst + "attn.q_norm.weight"].copy_(state[src + "self_attn.q_norm.weight"])
-        sd[dst + "attn.k_norm.weight"].copy_(state[src + "self_attn.k_norm.weight"])
-        sd[dst + "attn.q_proj.weight"].copy_(pool_rows(state[src + "self_attn.q_proj.weight"], facts["heads"],
-                                                       a.n_heads, hd))
+        state = read([src + leaf for leaf in HF_LAYER_LEAVES])
+        out = {
+            "attn_norm.weight": state[src + "input_layernorm.weight"],
+            "mlp_norm.weight": state[src + "post_attention_layernorm.weight"],
+            "attn.q_norm.weight": state[src + "self_attn.q_norm.weight"],
+            "attn.k_norm.weight": state[src + "self_attn.k_norm.weight"],
+            "attn.q_proj.weight": pool_rows(state[src + "self_attn.q_proj.weight"], facts["heads"], a.n_heads, hd),
+            "attn.o_proj.weight": sum_cols(state[src + "self_attn.o_proj.weight"], facts["heads"], a.n_heads, hd),
+        }
         for name in ("k_proj", "v_proj"):
-            sd[dst + f"attn.{name}.weight"].copy_(pool_rows(state[src + f"self_attn.{name}.weight"],
-                                                            facts["kv_heads"], a.n_kv_heads, hd))
-        sd[dst + "attn.o_proj.weight"].copy_(sum_cols(state[src + "self_attn.o_proj.weight"], facts["heads"],
-                                                      a.n_heads, hd))
+            out[f"attn.{name}.weight"] = pool_rows(state[src + f"self_attn.{name}.weight"], facts["kv_heads"],
+                                                   a.n_kv_heads, hd)
         down = state[src + "mlp.down_proj.weight"]
         units = select_units(down, cfg.ffn.dense_width)
-        sd[dst + "mlp.up.weight"].copy_(state[src + "mlp.up_proj.weight"][units])
-        sd[dst + "mlp.down.weight"].copy_(down[:, units])
+        out["mlp.up.weight"] = state[src + "mlp.up_proj.weight"][units]
+        out["mlp.down.weight"] = down[:, units]
         selected.append(units.tolist())
-    details = {
-        "method": method,
+        for name in layer_names(cfg, layer):
+            yield name, out.pop(name[len(dst):])
+        if out:
+            raise AssertionError(f"surgery made tensors the compat layer does not have: {sorted(out)}")
+    yield "final_norm.weight", read(["model.norm.weight"])["model.norm.weight"]
+    # a tied donor's head is its embedding, read again (a copy of its own: the two rows blocks are untied here)
+    yield "head.weight", read([hf.EMBED if tied else hf.HEAD])[hf.EMBED if tied else hf.HEAD].clone()
+    details.update({
+        "method": "mean",
         "q_heads": [facts["heads"], a.n_heads],
         "kv_heads": [facts["kv_heads"], a.n_kv_heads],
         "head_pooling": "mean of adjacent heads (q, k, v rows); o_proj input blocks summed",
         "ffn": "method A: top dense_width units by down-proj column L2 norm; up rows + down columns; gate dropped; "
                "ReLU^2",
-        "tied_donor_embeddings": hf.HEAD not in state,
+        "tied_donor_embeddings": tied,
         "selected_units": selected,
-    }
-    if method == "fit":
-        if donor is None or not fit_rows:
-            raise ValueError("method 'fit' needs the donor model and calibration rows")
-        details["fit"] = fit_residual_stream(model, donor, fit_rows, ridge, donor_states)
-    elif method != "mean":
-        raise UserError(f"surgery.method must be 'mean' or 'fit', got {method!r}")
-    return model, details
+    })
 
 
 def _context(model: Transformer, ids: torch.Tensor) -> AttentionContext:
