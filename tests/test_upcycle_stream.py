@@ -191,9 +191,75 @@ def test_stream_is_refused_where_it_does_not_apply(tmp_path):
                                              tmp_path / "o", tmp_path / "objects.toml"))
     with pytest.raises(UserError, match="needs upcycle.stream"):
         load_upcycle_config(path, ["upcycle.dtype=bf16"])
-    with pytest.raises(UserError, match="block-wise morph"):
-        load_upcycle_config(path, ["upcycle.stream=true", "morph.method=blockwise", "fit_data.dataset=d"])
+    load_upcycle_config(path, ["upcycle.stream=true", "morph.method=blockwise", "fit_data.dataset=d"])  # streams
     path.write_text(testing.step_config_text("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", tmp_path,
                                              tmp_path / "o", tmp_path / "objects.toml"))
     with pytest.raises(UserError, match="surgery.method"):
         load_upcycle_config(path, ["upcycle.stream=true", "surgery.method=fit"])
+
+
+@pytest.mark.parametrize("lr,kept", [(1e-3, "fit"), (2e-2, "mapped")])  # lr 2e-2: the fit hurts every block
+def test_streamed_blockwise_morph_fits_the_in_memory_tensors_bitwise(tmp_path, lr, kept):
+    """The block-wise morph from the compat object on disk (one compat and one real block at a time, the compat
+    activations computed block by block from the embedding) gives the in-memory fit's tensors and per-block errors
+    bitwise: both run blockfit.BlockWalk on the same fp32 tensors in the same order."""
+    import copy
+
+    import numpy as np
+
+    from vpmoe.upcycle import blockfit, morph
+    from vpmoe.upcycle.drift import CalibrationRow
+
+    geometry = ["model.n_layers=4", "attention.n_heads=8", "attention.n_kv_heads=2", "attention.head_dim=8",
+                "model.vocab_size=64"]
+    torch.manual_seed(0)
+    compat = build_model(model_config("tiny_compat", *geometry))
+    with torch.no_grad():
+        for p in compat.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(compat, tmp_path / "compat")
+    cfg = model_config("tiny_real", *geometry, "attention.tpa_q_rank=2", "attention.window=32")
+    g = np.random.default_rng(1)
+    rows = [CalibrationRow(g.integers(0, 64, 40).astype(np.int32), np.ones(40, np.uint8)) for _ in range(10)]
+    fit, held = rows[:8], rows[8:]
+    settings = blockfit.FitSettings(steps=20 if kept == "fit" else 6, lr=lr, rows_per_step=2)
+    mapped, want_details = morph.convert(compat, cfg)
+    real = copy.deepcopy(mapped)
+    want_details["blockwise"] = blockfit.fit_blocks(compat, real, fit, held, settings)
+    reader = stream.Reader(tmp_path / "compat")
+    details = {}
+    tensors = blockfit.streamed_tensors(reader, cfg, morph.target_tensors(reader.cfg, cfg, reader, details), fit,
+                                        held, settings, details)
+    stream.write_streamed(tmp_path / "real", cfg, tensors, shard_bytes=1 << 16)
+    assert (tmp_path / "real" / weights.INDEX_FILE).is_file()
+    assert details == want_details  # every block's mapped / init / fit error, bitwise
+    assert {b["kept"] for b in details["blockwise"]["blocks"]} == {kept}
+    got = load_model(tmp_path / "real").state_dict()
+    assert set(got) == set(real.state_dict())
+    assert all(torch.equal(got[k], t) for k, t in real.state_dict().items())
+    changed = {k.split(".")[1] for k, t in real.state_dict().items() if not torch.equal(t, mapped.state_dict()[k])}
+    assert changed == ({"0", "1", "2", "3"} if kept == "fit" else set())
+
+
+def test_streamed_blockwise_morph_step_matches_the_in_memory_one(chain, tmp_path, synth_dataset):
+    """`vpmoe upcycle` step 3 with [fit_data] and upcycle.stream: the object and the per-block errors of drift.json
+    are those of the in-memory block-wise morph."""
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
+             f'max_tokens = 32\n[morph]\nsteps = 2\nrows_per_step = 1')
+    outs = {}
+    for streamed in (False, True):
+        name = "real_streamed" if streamed else "real"
+        path = tmp_path / f"{name}.toml"
+        path.write_text(testing.step_config_text("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real",
+                                                 chain / "compat", tmp_path / name, tmp_path / "objects.toml",
+                                                 records=1, extra=extra))
+        outs[streamed], _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true"] if streamed else []))
+    a, b = (json.loads((outs[s] / "drift.json").read_text()) for s in (False, True))
+    assert b["step_numbers"]["method"] == a["step_numbers"]["method"] == "blockwise"
+    assert b["step_numbers"]["blockwise"] == a["step_numbers"]["blockwise"]
+    assert [e["layer"] for e in b["step_numbers"]["blockwise"]["blocks"]] == list(range(8))
+    for key in ("kl_mean", "top1_agreement", "max_abs_dlogit", "result_nll"):
+        assert b["metrics"]["spans"]["all"][key] == pytest.approx(a["metrics"]["spans"]["all"][key], abs=1e-5)
+    want, got = load_model(outs[False]).state_dict(), load_model(outs[True]).state_dict()
+    assert all(torch.equal(got[k], t) for k, t in want.items())

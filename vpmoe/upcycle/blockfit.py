@@ -6,8 +6,9 @@ states at its input and y = compat_block_l(x) its output, the real block l (as `
 on the fit rows to minimize |real_block_l(x) - y|^2 / |y - x|^2 (the error relative to what the block adds to the
 residual stream), with Adam, training only the parameter groups named in `trainable` (what the morph introduced or
 changed); every other parameter stays as mapped. Blocks are independent given the compat activations (each reads
-x, never the real model's own stream), so they could run in parallel; they run in order here only so that one
-block's activations are in memory at a time. The one link between blocks is the value residual: later blocks mix
+x, never the real model's own stream), so they could run in parallel; they run in order here so that one block's
+activations are in memory at a time, and with upcycle.stream (`streamed_tensors`) one compat and one real block too:
+the compat activations are computed block by block from the embedding, each compat block read alone from disk. The one link between blocks is the value residual: later blocks mix
 in layer 0's V, which the real model computes from the embeddings; it is taken from the (fitted) real layer 0.
 
 Before the fit, a local layer's TPA Q may be re-initialized activation-aware (`morph.svd_heads_whitened` with the
@@ -17,16 +18,18 @@ Q init and after the fit; a block whose held-out error does not drop below the m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from vpmoe.model.config import ModelConfig
 from vpmoe.model.naming import param_kind
 from vpmoe.model.transformer import Block, Transformer
 from vpmoe.upcycle import morph
 from vpmoe.upcycle.config import FIT_GROUPS
 from vpmoe.upcycle.drift import CalibrationRow
-from vpmoe.upcycle.stream import row_context
+from vpmoe.upcycle.stream import Reader, layer_names, row_context
 
 TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
 
@@ -63,63 +66,122 @@ def trainable_names(block: Block, groups: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _run(block: Block, model: Transformer, x: torch.Tensor, ctx, v_first) -> tuple:
-    out, v, _ = block(x[None], ctx, model.kernels.experts, v_first=v_first)
+def _run(block: Block, kernel: str, x: torch.Tensor, ctx, v_first) -> tuple:
+    out, v, _ = block(x[None], ctx, kernel, v_first=v_first)
     return out[0], v
 
 
-def relative_error(block: Block, model: Transformer, xs, ys, ctxs, v_firsts) -> float:
+def relative_error(block: Block, kernel: str, xs, ys, ctxs, v_firsts) -> float:
     """|block(x) - y| / |y - x| over the rows (float64 sums of fp32 outputs)."""
     num = den = 0.0
     with torch.no_grad():
         for x, y, ctx, vf in zip(xs, ys, ctxs, v_firsts):
-            out, _ = _run(block, model, x, ctx, vf)
+            out, _ = _run(block, kernel, x, ctx, vf)
             num += float((out - y).double().square().sum())
             den += float((y - x).double().square().sum())
     return (num / max(den, 1e-300)) ** 0.5
 
 
-def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[CalibrationRow],
-               heldout_rows: list[CalibrationRow], settings: FitSettings, progress=None) -> dict:
-    """Fit every block of `real` (in place) to its compat block; returns the per-block report for drift.json."""
-    rows = fit_rows + heldout_rows
-    n_fit = len(fit_rows)
-    device = compat.embed.weight.device  # both models on one device (morph.device)
-    ids = [torch.from_numpy(r.tokens.astype("int64"))[None].to(device) for r in rows]
-    compat_ctx = [row_context(compat.cfg, x.shape[1], device) for x in ids]
-    real_ctx = [row_context(real.cfg, x.shape[1], device) for x in ids]
-    with torch.no_grad():
-        xs = [compat.embed(x)[0] for x in ids]
-    v_first = [None] * len(rows)
-    report = []
-    for layer, (c_block, r_block) in enumerate(zip(compat.layers, real.layers)):
+class BlockWalk:
+    """The block-wise fit, one layer at a time: `step(layer, compat_block, real_block)` fits the real block (in
+    place) on the compat activations at its input and moves them on through the compat block. The in-memory fit
+    (`fit_blocks`) and the streamed one (`streamed_tensors`) both run it, so they do the same arithmetic."""
+
+    def __init__(self, embed: torch.Tensor, compat_cfg: ModelConfig, real_cfg: ModelConfig,
+                 fit_rows: list[CalibrationRow], heldout_rows: list[CalibrationRow], settings: FitSettings,
+                 kernel: str = "padded_bmm"):
+        rows = fit_rows + heldout_rows
+        self.n_fit, self.settings, self.kernel = len(fit_rows), settings, kernel
+        device = embed.device
+        self.ids = [torch.from_numpy(r.tokens.astype("int64")).to(device) for r in rows]
+        self.compat_ctx = [row_context(compat_cfg, x.shape[0], device) for x in self.ids]
+        self.real_ctx = [row_context(real_cfg, x.shape[0], device) for x in self.ids]
         with torch.no_grad():
-            ys = [_run(c_block, compat, x, ctx, None)[0] for x, ctx in zip(xs, compat_ctx)]
-        entry = fit_block(layer, c_block, r_block, real, xs, ys, real_ctx, v_first, n_fit, settings)
-        report.append(entry)
+            self.xs = [embed[x] for x in self.ids]  # the compat hidden states at the next block's input
+        self.v_first = [None] * len(rows)
+        self.blocks: list[dict] = []
+
+    def step(self, layer: int, compat_block: Block, block: Block) -> dict:
+        with torch.no_grad():
+            ys = [_run(compat_block, self.kernel, x, ctx, None)[0] for x, ctx in zip(self.xs, self.compat_ctx)]
+        entry = fit_block(layer, compat_block, block, self.kernel, self.xs, ys, self.real_ctx, self.v_first,
+                          self.n_fit, self.settings)
+        self.blocks.append(entry)
         if layer == 0:
             with torch.no_grad():
-                v_first = [_run(r_block, real, x, ctx, None)[1] for x, ctx in zip(xs, real_ctx)]
-        xs = ys
+                self.v_first = [_run(block, self.kernel, x, ctx, None)[1] for x, ctx in zip(self.xs, self.real_ctx)]
+        self.xs = ys
+        return entry
+
+    def report(self) -> dict:
+        s = self.settings
+        return {
+            "fit_tokens": int(sum(x.shape[0] for x in self.ids[:self.n_fit])),
+            "heldout_tokens": int(sum(x.shape[0] for x in self.ids[self.n_fit:])),
+            "steps": s.steps, "lr": s.lr, "q_init": s.q_init,
+            "trainable": list(s.trainable),
+            "blocks": self.blocks,
+            "note": "rel_err = |real_block(x) - compat_block(x)| / |compat_block(x) - x| on held-out rows, x the "
+                    "compat model's hidden states at the block input; mapped: the weight mapping alone, init: after "
+                    "the Q init, fit: after the fit; kept: the weights the block ends with",
+        }
+
+
+def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[CalibrationRow],
+               heldout_rows: list[CalibrationRow], settings: FitSettings, progress=None) -> dict:
+    """Fit every block of `real` (in place) to its compat block; returns the per-block report for drift.json.
+    Both models on one device (morph.device)."""
+    walk = BlockWalk(compat.embed.weight, compat.cfg, real.cfg, fit_rows, heldout_rows, settings,
+                     compat.kernels.experts)
+    for layer, (c_block, r_block) in enumerate(zip(compat.layers, real.layers)):
+        entry = walk.step(layer, c_block, r_block)
         if progress is not None:
             progress(layer, entry)
-    return {
-        "fit_tokens": int(sum(x.shape[1] for x in ids[:n_fit])),
-        "heldout_tokens": int(sum(x.shape[1] for x in ids[n_fit:])),
-        "steps": settings.steps, "lr": settings.lr, "q_init": settings.q_init,
-        "trainable": list(settings.trainable),
-        "blocks": report,
-        "note": "rel_err = |real_block(x) - compat_block(x)| / |compat_block(x) - x| on held-out rows, x the compat "
-                "model's hidden states at the block input; mapped: the weight mapping alone, init: after the Q init, "
-                "fit: after the fit; kept: the weights the block ends with",
-    }
+    return walk.report()
 
 
-def fit_block(layer: int, compat_block: Block, block: Block, model: Transformer, xs, ys, ctxs, v_firsts, n_fit: int,
+def streamed_tensors(reader: Reader, cfg: ModelConfig, mapped: Iterator[tuple[str, torch.Tensor]],
+                     fit_rows: list[CalibrationRow], heldout_rows: list[CalibrationRow], settings: FitSettings,
+                     details: dict, device: str | torch.device = "cpu", progress=None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The block-wise morph from disk, one layer at a time: `mapped` is the mapped morph's (name, tensor) stream
+    (morph.target_tensors over `reader`, the compat object); each real layer is gathered from it, fitted against the
+    compat block read alone from `reader`, and yielded fitted (or kept mapped). details["blockwise"] gets the
+    report of `fit_blocks` at the end. In memory: a compat block, a real block and the calibration activations."""
+    embed = reader(["embed.weight"])["embed.weight"].to(device)
+    walk = BlockWalk(embed, reader.cfg, cfg, fit_rows, heldout_rows, settings)
+    del embed
+    layer, names, pending = 0, None, {}
+    for name, tensor in mapped:
+        if not name.startswith("layers."):
+            yield name, tensor
+            continue
+        if names is None:
+            names = layer_names(cfg, layer)
+        pending[name] = tensor
+        if len(pending) < len(names):
+            continue
+        prefix = f"layers.{layer}."
+        with torch.device("meta"):
+            block = Block(cfg, layer)
+        block = block.to_empty(device=device)
+        block.load_state_dict({n[len(prefix):]: pending.pop(n) for n in names}, strict=True)
+        entry = walk.step(layer, reader.block(layer).to(device), block)
+        if progress is not None:
+            progress(layer, entry)
+        state = block.state_dict()
+        for n in names:
+            yield n, state[n[len(prefix):]].detach().cpu()
+        layer, names = layer + 1, None
+        del block, state
+    details["blockwise"] = walk.report()
+
+
+def fit_block(layer: int, compat_block: Block, block: Block, kernel: str, xs, ys, ctxs, v_firsts, n_fit: int,
               settings: FitSettings) -> dict:
     """Fit one real block on rows [:n_fit], measure on rows [n_fit:] (all rows if there are none held out)."""
     held = slice(n_fit, None) if len(xs) > n_fit else slice(None)
-    measure = lambda: relative_error(block, model, xs[held], ys[held], ctxs[held], v_firsts[held])  # noqa: E731
+    measure = lambda: relative_error(block, kernel, xs[held], ys[held], ctxs[held], v_firsts[held])  # noqa: E731
     mapped_state = {k: v.clone() for k, v in block.state_dict().items()}
     mapped = measure()
     entry = {"layer": layer, "kind": block.attn.kind, "rel_err": {"mapped": mapped}}
@@ -136,7 +198,7 @@ def fit_block(layer: int, compat_block: Block, block: Block, model: Transformer,
         for step in range(settings.steps):
             opt.zero_grad(set_to_none=True)
             for i in ((step * settings.rows_per_step + j) % n_fit for j in range(settings.rows_per_step)):
-                out, _ = _run(block, model, xs[i], ctxs[i], v_firsts[i])
+                out, _ = _run(block, kernel, xs[i], ctxs[i], v_firsts[i])
                 den = (ys[i] - xs[i]).square().sum().clamp_min(1e-12)
                 ((out - ys[i]).square().sum() / den / settings.rows_per_step).backward()
             opt.step()

@@ -37,9 +37,9 @@ class UpcycleSection:
     registry: str = "configs/upcycle/objects.toml"
     seed: int = 0
     overwrite: bool = False  # replace an existing output directory (only one written by `vpmoe upcycle`)
-    # Steps surgery (method "mean"), morph (method "mapped"), expand and granular read, convert and write one layer at
-    # a time and measure drift block by block: never two full models in memory (vpmoe.upcycle.stream). Their weights
-    # are then written in `dtype`; the in-memory path writes fp32.
+    # Steps surgery (method "mean"), morph (mapped or block-wise), expand and granular read, convert (and fit) and
+    # write one layer at a time and measure drift block by block: never two full models in memory
+    # (vpmoe.upcycle.stream). Their weights are then written in `dtype`; the in-memory path writes fp32.
     stream: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
 
@@ -183,9 +183,6 @@ class UpcycleConfig:
         if u.stream and u.step == "surgery" and self.surgery.method == "fit":
             raise ValueError("surgery.method = \"fit\" needs the donor and the compat model in memory: not with "
                              "upcycle.stream")
-        if u.stream and u.step == "morph" and self.blockwise_morph:
-            raise ValueError("the block-wise morph ([fit_data] or morph.method = \"blockwise\") fits in memory: not "
-                             "with upcycle.stream")
         if u.stream and self.granular.fit_router:
             raise ValueError("granular.fit_router needs the dense and the MoE model in memory: not with upcycle.stream")
         if self.heal.config and self.upcycle.step == "transplant":

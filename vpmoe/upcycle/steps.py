@@ -165,10 +165,8 @@ class Morph(_StreamedStep):
         details["method"] = "blockwise" if ctx.cfg.blockwise_morph else "mapped"
         if ctx.cfg.blockwise_morph:
             fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
-            settings = blockfit.FitSettings(steps=m.steps, lr=m.lr, rows_per_step=m.rows_per_step, q_init=m.q_init,
-                                            trainable=tuple(m.trainable))
-            if m.device == "cuda" and not torch.cuda.is_available():
-                raise UserError("morph.device = \"cuda\" but no CUDA device is available")
+            settings = _fit_settings(m)
+            _check_device(m.device)
             source.to(m.device)
             result.to(m.device)
             with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
@@ -181,8 +179,21 @@ class Morph(_StreamedStep):
 
     def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
         m = ctx.cfg.morph
-        details["method"] = "mapped"
-        return morph.target_tensors(reader.cfg, target_cfg, reader, details, m.sink_init, m.value_residual_init)
+        details["method"] = "blockwise" if ctx.cfg.blockwise_morph else "mapped"
+        tensors = morph.target_tensors(reader.cfg, target_cfg, reader, details, m.sink_init, m.value_residual_init)
+        if not ctx.cfg.blockwise_morph:
+            return tensors
+        return self._fitted(ctx, reader, target_cfg, tensors, details)
+
+    def _fitted(self, ctx: StepContext, reader, target_cfg, tensors, details: dict):
+        m = ctx.cfg.morph
+        fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
+        _check_device(m.device)
+        with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph (streamed)", unit="block") as bar:
+            yield from blockfit.streamed_tensors(reader, target_cfg, tensors, fit_rows, heldout_rows,
+                                                 _fit_settings(m), details, m.device,
+                                                 progress=lambda layer, entry: bar.update())
+        details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
 
 
 class Expand(_StreamedStep):
@@ -242,6 +253,16 @@ def _fit_data(ctx: StepContext, vocab: int) -> tuple[list[CalibrationRow], list[
     rows = drift.dataset_rows(f.dataset, 0, f.fit_samples + f.heldout_samples, f.max_tokens)
     _check_vocab(vocab, rows)
     return rows[:f.fit_samples], rows[f.fit_samples:]
+
+
+def _fit_settings(m) -> blockfit.FitSettings:
+    return blockfit.FitSettings(steps=m.steps, lr=m.lr, rows_per_step=m.rows_per_step, q_init=m.q_init,
+                                trainable=tuple(m.trainable))
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("morph.device = \"cuda\" but no CUDA device is available")
 
 
 def _check_vocab(vocab: int, rows: list[CalibrationRow]) -> None:
