@@ -263,3 +263,57 @@ def test_streamed_blockwise_morph_step_matches_the_in_memory_one(chain, tmp_path
         assert b["metrics"]["spans"]["all"][key] == pytest.approx(a["metrics"]["spans"]["all"][key], abs=1e-5)
     want, got = load_model(outs[False]).state_dict(), load_model(outs[True]).state_dict()
     assert all(torch.equal(got[k], t) for k, t in want.items())
+
+
+def test_streamed_router_fit_gives_the_in_memory_tensors_bitwise(tmp_path):
+    """granular.fit_router from the dense object on disk (one dense and one MoE block at a time) gives the in-memory
+    fit's tensors and per-layer errors bitwise: both run granular.RouterWalk on the same fp32 tensors."""
+    import numpy as np
+
+    from vpmoe.upcycle.drift import CalibrationRow
+
+    source = _random_dense(layers=4)
+    save_model(source, tmp_path / "src")
+    cfg = model_config("tiny_moe", "model.vocab_size=64", "model.n_layers=4", "moe.n_experts=64")
+    g = np.random.default_rng(1)
+    rows = [CalibrationRow(g.integers(0, 64, 40).astype(np.int32), np.ones(40, np.uint8)) for _ in range(6)]
+    fit, held = rows[:4], rows[4:]
+    want, want_details = granular.convert(source, cfg, seed=3, noise=0.5)
+    random_rows = {k: t.clone() for k, t in want.state_dict().items()}
+    want_details["router_fit"] = granular.fit_router(source, want, fit, held, want_details["slices"], 30, 0.05)
+    reader = stream.Reader(tmp_path / "src")
+    details = {}
+    tensors = granular.target_tensors(reader.cfg, cfg, reader, 3, 0.02, 0.5, details)
+    stream.write_streamed(tmp_path / "out", cfg, granular.streamed_tensors(
+        reader, cfg, tensors, fit, held, granular.check_geometry(reader.cfg, cfg), 30, 0.05, details),
+        shard_bytes=1 << 16)
+    assert details == want_details
+    layers = details["router_fit"]["layers"]
+    assert sorted(int(k) for k in layers) == cfg.moe_layers and {e["kept"] for e in layers.values()} == {"fit"}
+    got = load_model(tmp_path / "out").state_dict()
+    assert set(got) == set(want.state_dict())
+    assert all(torch.equal(got[k], t) for k, t in want.state_dict().items())
+    changed = {k for k, t in got.items() if not torch.equal(t, random_rows[k])}
+    assert changed == {f"layers.{layer}.mlp.router.weight" for layer in cfg.moe_layers}  # only the routers moved
+
+
+def test_streamed_granular_with_router_fit_matches_the_in_memory_step(chain, tmp_path, synth_dataset):
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
+             f'max_tokens = 32\n[granular]\nnoise = 0.3\nfit_router = true\nrouter_fit_steps = 5')
+    outs = {}
+    for streamed in (False, True):
+        name = "moe_streamed" if streamed else "moe"
+        path = tmp_path / f"{name}.toml"
+        path.write_text(testing.step_config_text("granular", "vpDense", "vpMoE", chain / "dense", tmp_path / name,
+                                                 tmp_path / "objects.toml", records=1, extra=extra))
+        outs[streamed], _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true"] if streamed else []))
+    a, b = (json.loads((outs[s] / "drift.json").read_text()) for s in (False, True))
+    assert b["step_numbers"]["router_fit"] == a["step_numbers"]["router_fit"]
+    assert len(b["step_numbers"]["router_fit"]["layers"]) == len(load_model(outs[True]).moe_layers)
+    assert b["step_numbers"]["router_margins"]["min_gap"] == pytest.approx(
+        a["step_numbers"]["router_margins"]["min_gap"], rel=1e-4)
+    for key in ("kl_mean", "top1_agreement", "max_abs_dlogit", "result_nll"):
+        assert b["metrics"]["spans"]["all"][key] == pytest.approx(a["metrics"]["spans"]["all"][key], abs=1e-5)
+    want, got = load_model(outs[False]).state_dict(), load_model(outs[True]).state_dict()
+    assert all(torch.equal(got[k], t) for k, t in want.items())

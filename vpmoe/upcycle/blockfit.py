@@ -29,7 +29,7 @@ from vpmoe.model.transformer import Block, Transformer
 from vpmoe.upcycle import morph
 from vpmoe.upcycle.config import FIT_GROUPS
 from vpmoe.upcycle.drift import CalibrationRow
-from vpmoe.upcycle.stream import Reader, layer_names, row_context
+from vpmoe.upcycle.stream import Reader, fitted_layers, row_context
 
 TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
 
@@ -151,29 +151,13 @@ def streamed_tensors(reader: Reader, cfg: ModelConfig, mapped: Iterator[tuple[st
     embed = reader(["embed.weight"])["embed.weight"].to(device)
     walk = BlockWalk(embed, reader.cfg, cfg, fit_rows, heldout_rows, settings)
     del embed
-    layer, names, pending = 0, None, {}
-    for name, tensor in mapped:
-        if not name.startswith("layers."):
-            yield name, tensor
-            continue
-        if names is None:
-            names = layer_names(cfg, layer)
-        pending[name] = tensor
-        if len(pending) < len(names):
-            continue
-        prefix = f"layers.{layer}."
-        with torch.device("meta"):
-            block = Block(cfg, layer)
-        block = block.to_empty(device=device)
-        block.load_state_dict({n[len(prefix):]: pending.pop(n) for n in names}, strict=True)
+
+    def fit(layer: int, block: Block) -> None:
         entry = walk.step(layer, reader.block(layer).to(device), block)
         if progress is not None:
             progress(layer, entry)
-        state = block.state_dict()
-        for n in names:
-            yield n, state[n[len(prefix):]].detach().cpu()
-        layer, names = layer + 1, None
-        del block, state
+
+    yield from fitted_layers(cfg, mapped, fit, device)
     details["blockwise"] = walk.report()
 
 

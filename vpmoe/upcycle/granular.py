@@ -31,7 +31,7 @@ import torch
 from vpmoe.errors import UserError
 from vpmoe.model.config import ModelConfig, model_config_to_dict
 from vpmoe.model.transformer import Transformer, build_model
-from vpmoe.upcycle.stream import layer_names
+from vpmoe.upcycle.stream import Reader, RowWalk, fitted_layers, layer_names
 
 
 def check_geometry(source: ModelConfig, target: ModelConfig) -> int:
@@ -175,57 +175,88 @@ def fit_router(dense: Transformer, model: Transformer, fit_rows, heldout_rows, g
     cross-entropy of the group logits x W_r^T towards argmin_r e_r(x) (selection ranks sigmoid(logit) + expert_bias,
     and expert_bias is 0 at init, so the group with the largest logit is picked). The MoE-vs-dense error
     |moe(x) - y| / |y| on the held-out rows is recorded per layer before and after; a layer whose error does not drop
-    keeps its random rows. With noise 0 every group reproduces the dense FFN: the fit then has nothing to choose."""
-    fit_x, fit_y = _ffn_activations(dense, model.moe_layers, fit_rows)
-    held_x, held_y = _ffn_activations(dense, model.moe_layers, heldout_rows)
-    layers = {}
-    for layer in model.moe_layers:
-        moe = model.layers[layer].mlp
-        before = _moe_error(moe, held_x[layer], held_y[layer])
-        with torch.no_grad():
-            best = _group_errors(moe, fit_x[layer], fit_y[layer], g, chunk).argmin(-1)
-        initial = moe.router.weight.detach().clone()
-        rows = initial[::g].clone().requires_grad_(True)
-        opt = torch.optim.Adam([rows], lr=lr)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(fit_x[layer] @ rows.T, best)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            moe.router.weight.copy_(rows.detach().repeat_interleave(g, dim=0))
-            after = _moe_error(moe, held_x[layer], held_y[layer])
-            kept = "fit" if after < before else "random"
-            if kept == "random":
-                moe.router.weight.copy_(initial)
-        layers[str(layer)] = {"moe_vs_dense_rel_err": {"random": before, "fit": after}, "kept": kept,
-                              "distinct_best_groups": int(best.unique().numel()), "final_loss": float(loss.detach())}
-    return {"steps": steps, "lr": lr, "fit_tokens": int(sum(len(r.tokens) for r in fit_rows)),
-            "heldout_tokens": int(sum(len(r.tokens) for r in heldout_rows)), "layers": layers,
-            "note": "moe_vs_dense_rel_err = |moe(x) - dense_ffn(x)| / |dense_ffn(x)| on held-out rows, x the dense "
-                    "model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the layer ends "
-                    "with"}
+    keeps its random rows. With noise 0 every group reproduces the dense FFN: the fit then has nothing to choose.
+    The dense activations are computed one block at a time (`RouterWalk`, which the streamed fit runs as well)."""
+    walk = RouterWalk(dense.cfg, dense.embed.weight, fit_rows, heldout_rows, g, steps, lr, chunk)
+    for layer, block in enumerate(dense.layers):
+        walk.step(block, model.layers[layer] if model.cfg.is_moe_layer(layer) else None)
+    return walk.report()
 
 
-@torch.no_grad()
-def _ffn_activations(dense: Transformer, layers: list[int], rows) -> tuple[dict, dict]:
-    """Per layer: the dense FFN's inputs (after mlp_norm) and outputs over the rows, [N, D] each."""
-    xs: dict[int, list] = {layer: [] for layer in layers}
-    ys: dict[int, list] = {layer: [] for layer in layers}
-    hooks = []
-    for layer in layers:
-        def hook(mod, args, out, layer=layer):
-            xs[layer].append(args[0].reshape(-1, args[0].shape[-1]))
-            ys[layer].append(out.reshape(-1, out.shape[-1]))
+class RouterWalk:
+    """The router fit one layer at a time: `step(dense_block, moe_block)` records the dense FFN's inputs and outputs
+    of the block on the rows, fits the MoE block's router on them (in place; `moe_block` None for a dense layer) and
+    moves the rows on through the dense block."""
 
-        hooks.append(dense.layers[layer].mlp.register_forward_hook(hook))
-    try:
-        for row in rows:
-            dense(torch.from_numpy(row.tokens.astype("int64"))[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(v) for k, v in xs.items()}, {k: torch.cat(v) for k, v in ys.items()}
+    def __init__(self, dense_cfg: ModelConfig, embed: torch.Tensor, fit_rows, heldout_rows, g: int, steps: int,
+                 lr: float, chunk: int = 256):
+        self.rows = RowWalk(dense_cfg, embed, list(fit_rows) + list(heldout_rows))
+        self.n_fit, self.g, self.steps, self.lr, self.chunk = len(fit_rows), g, steps, lr, chunk
+        self.fit_tokens = int(sum(len(r.tokens) for r in fit_rows))
+        self.heldout_tokens = int(sum(len(r.tokens) for r in heldout_rows))
+        self.layers: dict[str, dict] = {}
+
+    def step(self, dense_block, moe_block) -> None:
+        xs, ys = [], []
+
+        def hook(mod, args, out):
+            xs.append(args[0].reshape(-1, args[0].shape[-1]))
+            ys.append(out.reshape(-1, out.shape[-1]))
+
+        handle = dense_block.mlp.register_forward_hook(hook) if moe_block is not None else None
+        try:
+            self.rows.advance(dense_block)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if moe_block is None:
+            return
+        n = self.n_fit
+        self.layers[str(dense_block.layer)] = fit_router_layer(
+            moe_block.mlp, torch.cat(xs[:n]), torch.cat(ys[:n]), torch.cat(xs[n:]), torch.cat(ys[n:]), self.g,
+            self.steps, self.lr, self.chunk)
+
+    def report(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "fit_tokens": self.fit_tokens,
+                "heldout_tokens": self.heldout_tokens, "layers": self.layers,
+                "note": "moe_vs_dense_rel_err = |moe(x) - dense_ffn(x)| / |dense_ffn(x)| on held-out rows, x the "
+                        "dense model's FFN inputs; random: the init's rows, fit: after the fit; kept: the rows the "
+                        "layer ends with"}
+
+
+def fit_router_layer(moe, fit_x, fit_y, held_x, held_y, g: int, steps: int, lr: float, chunk: int) -> dict:
+    """Fit one MoE layer's router rows in place (see fit_router); returns the layer's record."""
+    before = _moe_error(moe, held_x, held_y)
+    with torch.no_grad():
+        best = _group_errors(moe, fit_x, fit_y, g, chunk).argmin(-1)
+    initial = moe.router.weight.detach().clone()
+    rows = initial[::g].clone().requires_grad_(True)
+    opt = torch.optim.Adam([rows], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(fit_x @ rows.T, best)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        moe.router.weight.copy_(rows.detach().repeat_interleave(g, dim=0))
+        after = _moe_error(moe, held_x, held_y)
+        kept = "fit" if after < before else "random"
+        if kept == "random":
+            moe.router.weight.copy_(initial)
+    return {"moe_vs_dense_rel_err": {"random": before, "fit": after}, "kept": kept,
+            "distinct_best_groups": int(best.unique().numel()), "final_loss": float(loss.detach())}
+
+
+def streamed_tensors(reader: Reader, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], fit_rows,
+                     heldout_rows, g: int, steps: int, lr: float, details: dict
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The router fit from disk, one layer at a time: `tensors` is target_tensors' stream over `reader` (the dense
+    object); each MoE layer is gathered from it, its router fitted on the dense block (read alone from `reader`) and
+    yielded. details["router_fit"] gets fit_router's report at the end."""
+    walk = RouterWalk(reader.cfg, reader(["embed.weight"])["embed.weight"], fit_rows, heldout_rows, g, steps, lr)
+    yield from fitted_layers(cfg, tensors, lambda layer, block: walk.step(
+        reader.block(layer), block if cfg.is_moe_layer(layer) else None))
+    details["router_fit"] = walk.report()
 
 
 def _group_errors(moe, x: torch.Tensor, y: torch.Tensor, g: int, chunk: int) -> torch.Tensor:

@@ -214,8 +214,17 @@ class Granular(_StreamedStep):
     def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
         g = ctx.cfg.granular
         details["_gaps"] = {}
-        return granular.target_tensors(reader.cfg, target_cfg, reader, ctx.cfg.upcycle.seed, g.router_std, g.noise,
-                                       details)
+        tensors = granular.target_tensors(reader.cfg, target_cfg, reader, ctx.cfg.upcycle.seed, g.router_std,
+                                          g.noise, details)
+        return self._fitted(ctx, reader, target_cfg, tensors, details) if g.fit_router else tensors
+
+    def _fitted(self, ctx: StepContext, reader, target_cfg, tensors, details: dict):
+        g = ctx.cfg.granular
+        fit_rows, heldout_rows = _fit_data(ctx, target_cfg.model.vocab_size)
+        yield from granular.streamed_tensors(reader, target_cfg, tensors, fit_rows, heldout_rows,
+                                             granular.check_geometry(reader.cfg, target_cfg), g.router_fit_steps,
+                                             g.router_fit_lr, details)
+        details["router_fit"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
 
     def hook(self, details: dict):
         gaps = details["_gaps"]

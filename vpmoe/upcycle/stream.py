@@ -3,6 +3,9 @@
 - `Reader`: a vpmoe object's tensors by name, read from its (sharded) safetensors when asked, in fp32.
 - `write_streamed`: (name, tensor) pairs as a step produces them -> sharded safetensors in the configured dtype
   (the fp32-only tensors stay fp32) + config.json; every name and shape is checked against the target config.
+- `fitted_layers`: a step's (name, tensor) stream with each layer gathered into a block, changed (fitted) by a
+  callback and passed on: the fitted steps stream through it.
+- `RowWalk`: calibration rows' hidden states pushed through a model's blocks one block at a time.
 - `streamed_hidden`: the final hidden states of an object on the calibration rows, computed block by block (each
   block built alone and loaded from disk), so that a drift report never needs the whole model in memory.
 A streamed step gives exactly the tensors of the in-memory one: both run the step's own `target_tensors`.
@@ -10,7 +13,7 @@ A streamed step gives exactly the tensors of the in-memory one: both run the ste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,54 @@ def write_streamed(directory: str | Path, cfg: ModelConfig, tensors: Iterable[tu
     shards = writer.close()
     write_json(Path(directory) / CONFIG_FILE, model_config_to_dict(cfg), sort_keys=True)
     return shards
+
+
+def fitted_layers(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                  fit: Callable[[int, Block], None], device: str | torch.device = "cpu"
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass the (name, tensor) pairs on, except that each layer's tensors (consecutive, as every target_tensors
+    yields them) are loaded into a Block of `cfg` on `device`, `fit(layer, block)` changes it in place, and the
+    block's tensors (on the CPU) are passed on instead, in the layer's order."""
+    layer, names, pending = 0, None, {}
+    for name, tensor in tensors:
+        if not name.startswith("layers."):
+            yield name, tensor
+            continue
+        names = names or layer_names(cfg, layer)
+        pending[name] = tensor
+        if len(pending) < len(names):
+            continue
+        prefix = f"layers.{layer}."
+        block = _meta_block(cfg, layer).to_empty(device=device)
+        block.load_state_dict({n[len(prefix):]: pending.pop(n) for n in names}, strict=True)
+        if pending:
+            raise AssertionError(f"layer {layer} got tensors it does not have: {sorted(pending)}")
+        fit(layer, block)
+        state = block.state_dict()
+        for n in names:
+            yield n, state[n[len(prefix):]].detach().cpu()
+        del block, state
+        layer, names = layer + 1, None
+
+
+class RowWalk:
+    """The hidden states [1, S, D] of calibration rows (one unpacked document each) through a model's blocks, one
+    block at a time, from the embedding (what streamed_hidden computes; `advance` takes the next block)."""
+
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, rows):
+        device = embed.device
+        ids = [torch.from_numpy(r.tokens.astype(np.int64)).to(device)[None] for r in rows]
+        with torch.no_grad():
+            self.xs = [embed[x] for x in ids]
+        self.contexts = [row_context(cfg, x.shape[1], device) for x in ids]
+        self.v_first: list = [None] * len(rows)
+
+    @torch.no_grad()
+    def advance(self, block: Block) -> None:
+        outs = [block(x, ctx, "padded_bmm", v_first=vf) for x, ctx, vf in zip(self.xs, self.contexts, self.v_first)]
+        self.xs = [out[0] for out in outs]
+        if block.layer == 0:
+            self.v_first = [out[1] for out in outs]
 
 
 @torch.no_grad()
