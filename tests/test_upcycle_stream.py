@@ -194,8 +194,7 @@ def test_stream_is_refused_where_it_does_not_apply(tmp_path):
     load_upcycle_config(path, ["upcycle.stream=true", "morph.method=blockwise", "fit_data.dataset=d"])  # streams
     path.write_text(testing.step_config_text("surgery", "qwen3-0_6B-o200k", "vpDense0-5_28.compat", tmp_path,
                                              tmp_path / "o", tmp_path / "objects.toml"))
-    with pytest.raises(UserError, match="surgery.method"):
-        load_upcycle_config(path, ["upcycle.stream=true", "surgery.method=fit"])
+    load_upcycle_config(path, ["upcycle.stream=true", "surgery.method=fit"])  # streams
 
 
 @pytest.mark.parametrize("lr,kept", [(1e-3, "fit"), (2e-2, "mapped")])  # lr 2e-2: the fit hurts every block
@@ -317,3 +316,40 @@ def test_streamed_granular_with_router_fit_matches_the_in_memory_step(chain, tmp
         assert b["metrics"]["spans"]["all"][key] == pytest.approx(a["metrics"]["spans"]["all"][key], abs=1e-5)
     want, got = load_model(outs[False]).state_dict(), load_model(outs[True]).state_dict()
     assert all(torch.equal(got[k], t) for k, t in want.items())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_surgery_fit_gives_the_in_memory_tensors_bitwise(tmp_path, tied):
+    """Step 2 method "fit" from the donor's safetensors (one donor layer loaded into a meta-device skeleton at a
+    time) gives the in-memory fit's tensors and per-layer errors bitwise: both run surgery.DonorWalk and FitWalk."""
+    from vpmoe.upcycle import hf, surgery
+    from vpmoe.upcycle.registry import load_registry
+
+    testing.save_qwen3(tmp_path / "donor", seed=2, tied=tied)
+    (tmp_path / "objects.toml").write_text(testing.registry_text())
+    cfg = load_registry(tmp_path / "objects.toml").get("vpDense0-5_28.compat").model_config()
+    rows = calibration_rows(CalibrationSection(records=2), seed=99, prefix="fit")
+    facts = hf.facts(tmp_path / "donor")
+    donor = hf.load_causal_lm(tmp_path / "donor")
+    state = {k: v.detach() for k, v in donor.state_dict().items() if k != hf.HEAD or facts["head_rows"]}
+    want, want_details = surgery.convert(state, facts, cfg, "fit", donor=donor, fit_rows=rows, ridge=1e-3)
+    mean, _ = surgery.convert(state, facts, cfg)
+    details = {}
+    tensors = surgery.target_tensors(facts, cfg, hf.TensorReader(tmp_path / "donor"), details)
+    stream.write_streamed(tmp_path / "compat", cfg, surgery.streamed_fit_tensors(
+        tmp_path / "donor", cfg, tensors, rows, 1e-3, details), shard_bytes=1 << 20)
+    assert details == want_details and details["method"] == "fit"
+    assert len(details["fit"]["layers"]) == cfg.model.n_layers
+    got = load_model(tmp_path / "compat").state_dict()
+    assert all(torch.equal(got[k], t) for k, t in want.state_dict().items())
+    changed = {k for k, t in got.items() if not torch.equal(t, mean.state_dict()[k])}
+    assert changed == {f"layers.{i}.{n}.weight" for i in range(cfg.model.n_layers)
+                       for n in ("attn.o_proj", "mlp.down")}
+    # the donor's residual stream walked layer by layer is its own forward's (hidden states of the full model)
+    out = donor(input_ids=torch.from_numpy(rows[0].tokens.astype("int64"))[None], output_hidden_states=True)
+    states = surgery.donor_residual_states(donor, rows[:1])[0]
+    last = cfg.model.n_layers - 1  # HF's last hidden state is after the final norm
+    with torch.no_grad():
+        walked = [*states[1][:last], donor.model.norm(states[1][last])]
+    for layer in range(cfg.model.n_layers):
+        torch.testing.assert_close(walked[layer], out.hidden_states[layer + 1][0], rtol=0, atol=1e-5)

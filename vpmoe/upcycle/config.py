@@ -37,9 +37,9 @@ class UpcycleSection:
     registry: str = "configs/upcycle/objects.toml"
     seed: int = 0
     overwrite: bool = False  # replace an existing output directory (only one written by `vpmoe upcycle`)
-    # Steps surgery (method "mean"), morph (mapped or block-wise), expand and granular (router fit included) read, convert (and fit) and
-    # write one layer at a time and measure drift block by block: never two full models in memory
-    # (vpmoe.upcycle.stream). Their weights are then written in `dtype`; the in-memory path writes fp32.
+    # Steps surgery (mean or fit), morph (mapped or block-wise), expand and granular (router fit included) read,
+    # convert (and fit) and write one layer at a time and measure drift block by block: never two full models in
+    # memory (vpmoe.upcycle.stream). Their weights are then written in `dtype`; the in-memory path writes fp32.
     stream: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
 
@@ -180,9 +180,6 @@ class UpcycleConfig:
             raise ValueError(f"upcycle.stream covers steps {list(STREAMED_STEPS)}; step {u.step!r} converts in memory")
         if u.dtype != "fp32" and not u.stream:
             raise ValueError("upcycle.dtype other than fp32 needs upcycle.stream = true")
-        if u.stream and u.step == "surgery" and self.surgery.method == "fit":
-            raise ValueError("surgery.method = \"fit\" needs the donor and the compat model in memory: not with "
-                             "upcycle.stream")
         if self.heal.config and self.upcycle.step == "transplant":
             raise ValueError("heal: the transplant writes a Hugging Face model, which `vpmoe train` does not train")
         if self.morph.method == "blockwise" and not self.fit_data.dataset:

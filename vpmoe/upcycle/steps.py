@@ -151,7 +151,12 @@ class Surgery(_StreamedStep):
         return drift.hf_logits(hf.load_causal_lm(ctx.cfg.upcycle.input))
 
     def target_tensors(self, ctx: StepContext, reader, target_cfg, details: dict):
-        return surgery.target_tensors(hf.facts(ctx.cfg.upcycle.input), target_cfg, reader, details)
+        s = ctx.cfg.surgery
+        tensors = surgery.target_tensors(hf.facts(ctx.cfg.upcycle.input), target_cfg, reader, details)
+        if s.method != "fit":
+            return tensors
+        fit_rows = drift.calibration_rows(ctx.cfg.calibration, records=s.fit_records, seed=s.fit_seed, prefix="fit")
+        return surgery.streamed_fit_tensors(ctx.cfg.upcycle.input, target_cfg, tensors, fit_rows, s.ridge, details)
 
 
 class Morph(_StreamedStep):

@@ -36,7 +36,7 @@ from vpmoe.model.config import ModelConfig
 from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
 from vpmoe.model.transformer import Transformer, build_model, positions_from_doc_ids
 from vpmoe.upcycle import hf
-from vpmoe.upcycle.stream import layer_names
+from vpmoe.upcycle.stream import fitted_layers, layer_names
 
 HF_LAYER_LEAVES = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
                    "self_attn.k_norm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -160,13 +160,13 @@ def target_tensors(facts: dict, cfg: ModelConfig, read, details: dict) -> Iterat
     })
 
 
-def _context(model: Transformer, ids: torch.Tensor) -> AttentionContext:
+def _context(cfg: ModelConfig, ids: torch.Tensor) -> AttentionContext:
     """What Transformer.forward builds for one unpacked compat row [1, S]."""
     doc_ids = torch.zeros_like(ids)
     position_ids = positions_from_doc_ids(doc_ids)
     ctx = AttentionContext(position_ids=position_ids, doc_ids=doc_ids, token_index=torch.arange(ids.shape[1]),
                            kernel="reference")
-    a = model.cfg.attention
+    a = cfg.attention
     ctx.rope = rotary_cos_sin(position_ids, rope_inv_freq(a.head_dim, a.rope_base))
     return ctx
 
@@ -180,65 +180,143 @@ def _lstsq(features: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.
     return torch.linalg.solve(gram, x.T @ y).T.float()
 
 
+class DonorWalk:
+    """The donor's residual stream on the rows, one Hugging Face decoder layer at a time: `step(layer)` (the model's
+    own layer module, loaded) returns per row its stream after the layer's attention and after its MLP, [S, D], and
+    moves on. The one code path of the in-memory and the streamed fit (the latter loads one layer at a time into a
+    model built on the meta device)."""
+
+    def __init__(self, donor, embed: torch.Tensor, rows):
+        from transformers.masking_utils import create_causal_mask
+
+        config = donor.config
+        if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]):
+            raise UserError("surgery.method = \"fit\": the donor has sliding-window layers, which it does not handle")
+        ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
+        with torch.no_grad():
+            self.hs = [embed[x] for x in ids]
+        self.positions = [torch.arange(x.shape[1])[None] for x in ids]
+        self.masks = [create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None,
+                                         position_ids=p) for h, p in zip(self.hs, self.positions)]
+        rotary = donor.model.rotary_emb
+        if rotary.inv_freq.is_meta:  # a meta-device skeleton: a real rotary embedding of the same config
+            rotary = type(rotary)(config)
+        with torch.no_grad():
+            self.rope = [rotary(h, p) for h, p in zip(self.hs, self.positions)]
+
+    @torch.no_grad()
+    def step(self, layer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mids, outs, attn_out = [], [], []
+        hook = layer.self_attn.register_forward_hook(
+            lambda mod, args, out: attn_out.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            new = [layer(h, attention_mask=m, position_embeddings=r, position_ids=p)
+                   for h, m, r, p in zip(self.hs, self.masks, self.rope, self.positions)]
+        finally:
+            hook.remove()
+        new = [o[0] if isinstance(o, tuple) else o for o in new]
+        for h, a, o in zip(self.hs, attn_out, new):
+            mids.append((h + a)[0])
+            outs.append(o[0])
+        self.hs = new
+        return mids, outs
+
+
 @torch.no_grad()
 def donor_residual_states(donor, rows) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Per calibration row: the donor's residual stream after each layer's attention and after its MLP, [S, D]."""
-    states = []
-    for row in rows:
-        x = torch.from_numpy(row.tokens.astype("int64"))[None]
-        attn_out, mlp_out = {}, {}
-        hooks = [layer.self_attn.register_forward_hook(
-            lambda mod, args, out, i=i: attn_out.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-            for i, layer in enumerate(donor.model.layers)]
-        hooks += [layer.mlp.register_forward_hook(lambda mod, args, out, i=i: mlp_out.__setitem__(i, out))
-                  for i, layer in enumerate(donor.model.layers)]
-        try:
-            out = donor(input_ids=x, output_hidden_states=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        mids, outs = [], []
-        for i in range(len(donor.model.layers)):
-            mid = out.hidden_states[i][0] + attn_out[i][0]  # hidden_states[i] is the input of layer i
-            mids.append(mid)
-            outs.append(mid + mlp_out[i][0])
-        states.append((mids, outs))
-    return states
+    walk = DonorWalk(donor, donor.model.embed_tokens.weight, rows)
+    per_layer = [walk.step(layer) for layer in donor.model.layers]
+    return [([m[r] for m, _ in per_layer], [o[r] for _, o in per_layer]) for r in range(len(rows))]
 
 
-@torch.no_grad()
-def fit_residual_stream(model: Transformer, donor, rows, ridge: float, states=None) -> dict:
-    """Refit o_proj and FFN down of every layer, in order, by ridge least squares (see the module docstring).
-    `states` (from donor_residual_states) may be passed to reuse the donor's forward."""
-    ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
-    contexts = [_context(model, x) for x in ids]
-    states = states if states is not None else donor_residual_states(donor, rows)
-    h = [model.embed(x)[0] for x in ids]
-    report = []
-    for layer, block in enumerate(model.layers):
+class FitWalk:
+    """fit_residual_stream one layer at a time: `step(layer, block)` refits the compat block's o_proj and FFN down
+    (in place) against the donor's layer, given by `donor_layer(layer)` (states precomputed by
+    donor_residual_states, or a DonorWalk step)."""
+
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, rows, ridge: float, donor_layer):
+        ids = [torch.from_numpy(r.tokens.astype("int64"))[None] for r in rows]
+        self.contexts = [_context(cfg, x) for x in ids]
+        with torch.no_grad():
+            self.h = [embed[x][0] for x in ids]
+        self.tokens, self.ridge, self.donor_layer = sum(x.shape[1] for x in ids), ridge, donor_layer
+        self.layers: list[dict] = []
+
+    @torch.no_grad()
+    def step(self, layer: int, block) -> None:
+        h, ridge = self.h, self.ridge
+        donor_mids, donor_outs = self.donor_layer(layer)
         feats = []
         hook = block.attn.o_proj.register_forward_pre_hook(lambda mod, args: feats.append(args[0][0]))
         try:
-            for x, ctx in zip(h, contexts):
+            for x, ctx in zip(h, self.contexts):
                 block.attn(block.attn_norm(x[None]), ctx)
         finally:
             hook.remove()
         a_feat = torch.cat(feats)
-        a_target = torch.cat([states[r][0][layer] - h[r] for r in range(len(h))])
+        a_target = torch.cat([donor_mids[r] - h[r] for r in range(len(h))])
         before = _rel_err(a_feat @ block.attn.o_proj.weight.T, a_target)
         block.attn.o_proj.weight.copy_(_lstsq(a_feat, a_target, ridge))
         after = _rel_err(a_feat @ block.attn.o_proj.weight.T, a_target)
         mids = [x + f @ block.attn.o_proj.weight.T for x, f in zip(h, feats)]
         f_feats = [torch.relu(block.mlp.up(block.mlp_norm(m))).square() for m in mids]
         m_feat = torch.cat(f_feats)
-        m_target = torch.cat([states[r][1][layer] - mids[r] for r in range(len(h))])
+        m_target = torch.cat([donor_outs[r] - mids[r] for r in range(len(h))])
         ffn_before = _rel_err(m_feat @ block.mlp.down.weight.T, m_target)
         block.mlp.down.weight.copy_(_lstsq(m_feat, m_target, ridge))
         ffn_after = _rel_err(m_feat @ block.mlp.down.weight.T, m_target)
-        h = [m + f @ block.mlp.down.weight.T for m, f in zip(mids, f_feats)]
-        report.append({"layer": layer, "attn_rel_err": [before, after], "ffn_rel_err": [ffn_before, ffn_after]})
-    return {"tokens": sum(x.shape[1] for x in ids), "ridge": ridge, "layers": report,
-            "note": "rel_err = |prediction - target| / |target| before and after the fit, on the fit data"}
+        self.h = [m + f @ block.mlp.down.weight.T for m, f in zip(mids, f_feats)]
+        self.layers.append({"layer": layer, "attn_rel_err": [before, after], "ffn_rel_err": [ffn_before, ffn_after]})
+
+    def report(self) -> dict:
+        return {"tokens": self.tokens, "ridge": self.ridge, "layers": self.layers,
+                "note": "rel_err = |prediction - target| / |target| before and after the fit, on the fit data"}
+
+
+def fit_residual_stream(model: Transformer, donor, rows, ridge: float, states=None) -> dict:
+    """Refit o_proj and FFN down of every layer, in order, by ridge least squares (see the module docstring).
+    `states` (from donor_residual_states) may be passed to reuse the donor's forward."""
+    if states is not None:
+        donor_layer = lambda layer: ([s[0][layer] for s in states], [s[1][layer] for s in states])  # noqa: E731
+    else:
+        walk = DonorWalk(donor, donor.model.embed_tokens.weight, rows)
+        donor_layer = lambda layer: walk.step(donor.model.layers[layer])  # noqa: E731
+    fit = FitWalk(model.cfg, model.embed.weight, rows, ridge, donor_layer)
+    for layer, block in enumerate(model.layers):
+        fit.step(layer, block)
+    return fit.report()
+
+
+def streamed_fit_tensors(directory, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], rows,
+                         ridge: float, details: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Method "fit" from the donor's safetensors, one layer at a time: `tensors` is target_tensors' stream (method
+    "mean"); each compat layer is gathered from it and refitted against the donor's layer, loaded alone into a
+    donor skeleton on the meta device. details["fit"] gets fit_residual_stream's report at the end."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = hf.TensorReader(directory)
+    with torch.device("meta"):
+        donor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(directory)), dtype=torch.float32)
+    donor.eval()
+    embed = reader([hf.EMBED])[hf.EMBED]
+    walk = DonorWalk(donor, embed, rows)
+
+    def donor_layer(layer: int):
+        module = donor.model.layers[layer].to_empty(device="cpu")
+        prefix = f"model.layers.{layer}."
+        state = reader([prefix + n for n in module.state_dict()])
+        module.load_state_dict({n[len(prefix):]: t for n, t in state.items()}, strict=True)
+        try:
+            return walk.step(module)
+        finally:
+            module.to_empty(device="meta")  # frees the layer's weights
+
+    fit = FitWalk(cfg, embed, rows, ridge, donor_layer)
+    del embed
+    yield from fitted_layers(cfg, tensors, fit.step)
+    details["fit"] = fit.report()
+    details["method"] = "fit"
 
 
 def _rel_err(pred: torch.Tensor, target: torch.Tensor) -> float:
