@@ -353,3 +353,10 @@ def test_streamed_surgery_fit_gives_the_in_memory_tensors_bitwise(tmp_path, tied
         walked = [*states[1][:last], donor.model.norm(states[1][last])]
     for layer in range(cfg.model.n_layers):
         torch.testing.assert_close(walked[layer], out.hidden_states[layer + 1][0], rtol=0, atol=1e-5)
+
+
+def test_a_calibration_record_too_long_for_seq_len_is_refused_by_name():
+    from vpmoe.errors import UserError
+    with pytest.raises(UserError, match=r"calibration record calibration-\d+-00000000 cannot be rendered in "
+                                        r"calibration.seq_len = 16 tokens"):
+        calibration_rows(CalibrationSection(records=2, seq_len=16))

@@ -44,7 +44,7 @@ def calibration_rows(cal: CalibrationSection, records: int | None = None, seed: 
             out = renderer.render(record["query"], record["synthetic_reasoning"], record["synthetic_answer"],
                                   cal.seq_len)
         except Reject as e:
-            raise UserError(f"calibration record {record['synthetic_id']} cannot be rendered in "
+            raise UserError(f"calibration record {record['synth_id']} cannot be rendered in "
                             f"calibration.seq_len = {cal.seq_len} tokens ({e.reason})") from None
         rows.append(CalibrationRow(out.tokens, out.spans))
     return rows
