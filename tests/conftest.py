@@ -3,11 +3,16 @@ import shutil
 import pytest
 
 from vpmoe.data import synthetic
+from vpmoe.hostmem import keep_freed_memory
 
 # Disks on CI machines can be small and the tiny models are ~100 MB each (the o200k head): passing tests' tmp_path
 # directories go (tmp_path_retention_policy in pyproject.toml), and so do a module fixture's directories when its
 # module ends. Session fixtures keep theirs.
 _module_dirs: dict[int, list] = {}
+
+
+def pytest_configure(config):
+    keep_freed_memory()  # the tests run tiny models in this process, as the commands do (vpmoe/hostmem.py)
 
 
 @pytest.hookimpl(wrapper=True)

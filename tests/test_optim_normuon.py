@@ -1,6 +1,7 @@
 """NorMuon + AdamW against float64 references; batched banks vs per-matrix; fused blocks; checkpoint round trip."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -250,3 +251,25 @@ def test_no_grad_and_frozen_params_are_untouched():
     opt.step()
     assert torch.equal(model.get_submodule("layers.0.attn.o_proj").weight, frozen)
     assert torch.equal(nograd, before)
+
+
+def test_a_failed_compile_ends_the_step_with_what_to_do(monkeypatch):
+    """optim.compile = "on" whose compilation fails is an error naming the setting, not a silent switch to eager."""
+    from vpmoe.errors import RunError
+
+    def broken(name):
+        def fn(*args):
+            raise RuntimeError("inductor could not compile")
+        return fn
+
+    monkeypatch.setattr(nm, "_compiled", broken)
+    monkeypatch.setattr(nm, "_COMPILE_MIN", 0)
+    shapes = {"layers.0.mlp.up.weight": (16, 32)}
+    model = module_from_shapes(shapes)
+    before = model.get_submodule("layers.0.mlp.up").weight.detach().clone()
+    opt, _ = build_optimizer(model.named_parameters(), dataclasses.replace(CFG, compile="on"))
+    for name, p in model.named_parameters():
+        p.grad = make_grads(shapes, 1)[0][name].clone()
+    with pytest.raises(RunError, match=r"RuntimeError: inductor could not compile.*set optim.compile = \"off\""):
+        opt.step()
+    assert torch.equal(model.get_submodule("layers.0.mlp.up").weight, before)

@@ -101,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUN_MODELS = ("train", "eval", "teacher", "demo")  # see vpmoe.hostmem
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command in _RUN_MODELS:
+        from vpmoe.hostmem import keep_freed_memory
+
+        keep_freed_memory()
     if args.command == "data" and args.data_command == "build":
         from vpmoe.data.build import build_from_config
 

@@ -21,8 +21,8 @@ class OptimConfig:
       update_scale     0.2: update = update_scale * sqrt(max(m, n)) * normalized orthogonal update.
       ortho_dtype      "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16" or "float32".
       compile          "off" (default) or "on": torch.compile the elementwise steps of large tensors into single
-                       kernels (momentum + Nesterov + cast; decay + row-scaled update). Falls back
-                       to eager ops on failure. On H200 / torch 2.11 it cut the full vpMoE step's GPU time from ~197
+                       kernels (momentum + Nesterov + cast; decay + row-scaled update). A compilation
+                       that fails ends the run (set "off"). On H200 / torch 2.11 it cut the full vpMoE step's GPU time from ~197
                        to ~158 ms but the step's wall time rose to ~370-390 ms (CPU-bound dynamo overhead), hence off.
     AdamW (embeddings, head, router: decayed; norms, biases, sinks, value-residual logits, GRAPE frequencies: not):
       lr_adam, adam_beta1, adam_beta2, adam_eps, adam_weight_decay.

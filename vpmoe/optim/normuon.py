@@ -47,7 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from vpmoe.errors import UserError
+from vpmoe.errors import RunError, UserError
 from vpmoe.optim.config import OptimConfig
 from vpmoe.optim.polar import polar_express
 from vpmoe.optim.routing import GROUP_ORDER, Routed, route_parameters, routing_table
@@ -327,10 +327,9 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         return use_compile(self.compile, device)
 
     def _compile_failed(self, err: Exception) -> None:
-        import warnings
-
-        warnings.warn(f"optimizer: torch.compile of the fused elementwise steps failed, using eager ops ({err})")
-        self.compile = "off"
+        raise RunError(f"optimizer: torch.compile of the fused elementwise steps failed "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); set "
+                       f"optim.compile = \"off\" to run them as eager ops") from err
 
     def _scalars(self, group: dict, device: torch.device) -> dict:
         """0-dim device tensors of this step's scalars for the compiled kernels (a changing LR does not recompile)."""
@@ -353,7 +352,7 @@ class VpmoeOptimizer(torch.optim.Optimizer):
         if scalars is not None and self.compile != "off" and buf.numel() >= _COMPILE_MIN:
             try:
                 return _compiled("pre")(g, buf, scalars["beta"], group["nesterov"], out_dtype)
-            except Exception as e:  # noqa: BLE001 - compilation problems fall back to the eager path
+            except Exception as e:  # noqa: BLE001 - a compilation problem ends the run with what to do
                 self._compile_failed(e)
         return _pre_eager(g, buf, group["momentum"], group["nesterov"], out_dtype)
 
