@@ -13,7 +13,7 @@ PACKAGE = Path(vpmoe.__file__).resolve().parent
 
 # Lower rank = lower layer. A module may import a module of another unit only if that unit's rank is lower.
 RANKS = {
-    "__init__": 0, "errors": 0, "spans": 0,  # __init__: the package root holds only the version
+    "__init__": 0, "errors": 0, "spans": 0, "hostmem": 0,  # __init__: the package root holds only the version
     "config": 1, "tokenizer": 1, "distributed": 1, "artifacts.files": 1, "artifacts.lock": 1,
     "artifacts.__init__": 1,
     "provenance": 2, "artifacts.weights": 2, "artifacts.checkpoints": 2,

@@ -150,8 +150,9 @@ def test_sidecar_equals_direct_forward_log_softmax_topk(scored, teacher_dir):
         # the manifest's means: entropy over the full vocabulary and top-K probability mass, per span and in all
         info = section["splits"][split]
         assert {name: e["positions"] for name, e in info["spans"].items()} == {n: e[0] for n, e in sums.items()}
-        # float32 sums over the 201,088-entry vocabulary against float64 ones
-        entropy_rel, mass_rel = 1e-5, 1e-4
+        # float32 sums over the 201,088-entry vocabulary against float64 ones: the order of a vectorized sum
+        # depends on the buffers' alignment (1.5e-5 relative seen); the old fp32 dot product was off by 1.4e-4
+        entropy_rel, mass_rel = 5e-5, 1e-4
         for name, (positions, entropy, mass) in sums.items():
             assert info["spans"][name]["mean_entropy"] == pytest.approx(entropy / positions, rel=entropy_rel)
             assert info["spans"][name]["mean_topk_mass"] == pytest.approx(mass / positions, rel=mass_rel)
