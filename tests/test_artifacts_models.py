@@ -12,12 +12,18 @@ from vpmoe.model import Transformer
 from vpmoe.testing.models import model_config
 
 
-def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
+def _saved_model(path):
+    """A tiny MoE with nonzero expert biases, saved at `path`: (its config, the model)."""
     cfg = model_config("tiny_moe", "model.vocab_size=97")
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.update_expert_bias(torch.randint(0, 20, (len(cfg.moe_layers), cfg.moe.n_experts)))
-    save_model(model, tmp_path / "ckpt")
+    save_model(model, path)
+    return cfg, model
+
+
+def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
+    cfg, model = _saved_model(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     assert stored_config(tmp_path / "ckpt") == cfg
     loaded = load_model(tmp_path / "ckpt")
@@ -29,11 +35,7 @@ def test_round_trip_keeps_config_weights_buffers_and_logits(tmp_path):
 
 
 def test_loading_in_bf16_allocates_bf16_and_equals_loading_in_fp32_then_casting(tmp_path):
-    cfg = model_config("tiny_moe", "model.vocab_size=97")
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.update_expert_bias(torch.randint(0, 20, (len(cfg.moe_layers), cfg.moe.n_experts)))
-    save_model(model, tmp_path / "ckpt")
+    cfg, model = _saved_model(tmp_path / "ckpt")
     got = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
     want = model.cast_(torch.bfloat16).state_dict()  # the reference: fp32 values rounded once by a plain cast
     assert {str(t.dtype) for t in got.state_dict().values()} == {"torch.bfloat16", "torch.float32"}

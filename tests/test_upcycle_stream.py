@@ -240,20 +240,26 @@ def test_streamed_blockwise_morph_fits_the_in_memory_tensors_bitwise(tmp_path, l
     assert changed == ({"0", "1", "2", "3"} if kept == "fit" else set())
 
 
+def _in_memory_and_streamed(chain, tmp_path, dataset, step, source, target, source_dir, section) -> dict:
+    """`vpmoe upcycle` of one step with [fit_data] on the tiny chain, in memory and streamed: {streamed: output}."""
+    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
+    extra = (f'[fit_data]\ndataset = "{dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
+             f'max_tokens = 32\n{section}')
+    outs = {}
+    for streamed in (False, True):
+        name = f"{step}_streamed" if streamed else step
+        path = tmp_path / f"{name}.toml"
+        path.write_text(testing.step_config_text(step, source, target, chain / source_dir, tmp_path / name,
+                                                 tmp_path / "objects.toml", records=1, extra=extra))
+        outs[streamed], _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true"] if streamed else []))
+    return outs
+
+
 def test_streamed_blockwise_morph_step_matches_the_in_memory_one(chain, tmp_path, synth_dataset):
     """`vpmoe upcycle` step 3 with [fit_data] and upcycle.stream: the object and the per-block errors of drift.json
     are those of the in-memory block-wise morph."""
-    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
-    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
-             f'max_tokens = 32\n[morph]\nsteps = 2\nrows_per_step = 1')
-    outs = {}
-    for streamed in (False, True):
-        name = "real_streamed" if streamed else "real"
-        path = tmp_path / f"{name}.toml"
-        path.write_text(testing.step_config_text("morph", "vpDense0-5_28.compat", "vpDense0-5_28.real",
-                                                 chain / "compat", tmp_path / name, tmp_path / "objects.toml",
-                                                 records=1, extra=extra))
-        outs[streamed], _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true"] if streamed else []))
+    outs = _in_memory_and_streamed(chain, tmp_path, synth_dataset, "morph", "vpDense0-5_28.compat",
+                                   "vpDense0-5_28.real", "compat", "[morph]\nsteps = 2\nrows_per_step = 1")
     a, b = (json.loads((outs[s] / "drift.json").read_text()) for s in (False, True))
     assert b["step_numbers"]["method"] == a["step_numbers"]["method"] == "blockwise"
     assert b["step_numbers"]["blockwise"] == a["step_numbers"]["blockwise"]
@@ -297,16 +303,8 @@ def test_streamed_router_fit_gives_the_in_memory_tensors_bitwise(tmp_path):
 
 
 def test_streamed_granular_with_router_fit_matches_the_in_memory_step(chain, tmp_path, synth_dataset):
-    shutil.copy(chain / "objects.toml", tmp_path / "objects.toml")
-    extra = (f'[fit_data]\ndataset = "{synth_dataset.as_posix()}"\nfit_samples = 2\nheldout_samples = 1\n'
-             f'max_tokens = 32\n[granular]\nnoise = 0.3\nfit_router = true\nrouter_fit_steps = 5')
-    outs = {}
-    for streamed in (False, True):
-        name = "moe_streamed" if streamed else "moe"
-        path = tmp_path / f"{name}.toml"
-        path.write_text(testing.step_config_text("granular", "vpDense", "vpMoE", chain / "dense", tmp_path / name,
-                                                 tmp_path / "objects.toml", records=1, extra=extra))
-        outs[streamed], _ = upcycle(load_upcycle_config(path, ["upcycle.stream=true"] if streamed else []))
+    outs = _in_memory_and_streamed(chain, tmp_path, synth_dataset, "granular", "vpDense", "vpMoE", "dense",
+                                   "[granular]\nnoise = 0.3\nfit_router = true\nrouter_fit_steps = 5")
     a, b = (json.loads((outs[s] / "drift.json").read_text()) for s in (False, True))
     assert b["step_numbers"]["router_fit"] == a["step_numbers"]["router_fit"]
     assert len(b["step_numbers"]["router_fit"]["layers"]) == len(load_model(outs[True]).moe_layers)
