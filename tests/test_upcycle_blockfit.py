@@ -163,3 +163,38 @@ def test_blockwise_fit_on_the_gpu_measures_what_the_cpu_does():
     gpu = blockfit.fit_blocks(copy.deepcopy(compat).cuda(), copy.deepcopy(mapped).cuda(), fit, held, settings)
     for a, b in zip(cpu["blocks"], gpu["blocks"]):
         assert b["rel_err"]["mapped"] == pytest.approx(a["rel_err"]["mapped"], rel=1e-3)  # TF32-free fp32 kernels
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-300)) for k in a)
+
+
+def test_parallel_block_fits_give_the_serial_fit():
+    """morph.workers = 2 (layers 1.. fitted in spawned processes) gives the tensors and per-block report of the
+    serial fit: float64 throughout, so that the last-bit differences a process's own vectorized sums may make stay
+    far below the tolerance."""
+    torch.manual_seed(0)
+    compat, mapped = _compat_and_mapped()
+    compat, mapped = compat.double(), mapped.double()
+    fit, held = _rows(4, 48, seed=1), _rows(2, 48, seed=2)
+    settings = blockfit.FitSettings(steps=5, lr=3e-4, rows_per_step=2)
+    serial, parallel = copy.deepcopy(mapped), copy.deepcopy(mapped)
+    want = blockfit.fit_blocks(compat, serial, fit, held, settings)
+    seen = []
+    got = blockfit.fit_blocks(compat, parallel, fit, held, settings, progress=lambda i, e: seen.append(i), workers=2)
+    assert seen == [0, 1, 2, 3]
+    assert (want.pop("workers"), got.pop("workers")) == (1, 2)
+    assert {e["kept"] for e in got["blocks"][1:]} == {"fit"}  # the workers' fitted weights were taken
+    assert [e["layer"] for e in got["blocks"]] == [0, 1, 2, 3]
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want if k != "blocks")
+    for a, b in zip(want["blocks"], got["blocks"]):
+        assert {k: v for k, v in a.items() if k not in ("rel_err", "q_whitened_relative_error")} == \
+               {k: v for k, v in b.items() if k not in ("rel_err", "q_whitened_relative_error")}
+        for k in a["rel_err"]:
+            assert b["rel_err"][k] == pytest.approx(a["rel_err"][k], rel=1e-10, abs=0)
+        if "q_whitened_relative_error" in a:
+            assert b["q_whitened_relative_error"] == pytest.approx(a["q_whitened_relative_error"], rel=1e-10, abs=0)
+    assert _max_relative_difference(serial.state_dict(), parallel.state_dict()) <= 1e-10
+    changed = {k.split(".")[1] for k, t in parallel.state_dict().items() if not torch.equal(t, mapped.state_dict()[k])}
+    assert changed == {"1", "2", "3"}

@@ -126,10 +126,24 @@ def test_step_config_rejects_unknown_keys_and_steps(tmp_path):
     ("granular", ["granular.fit_router=true", "upcycle.stream=false"], "needs fit_data.dataset"),
     ("transplant", ["heal.config=heal_real"], "does not train"),
     ("morph", ["morph.trainable=['tpa', 'norms']"], "unknown group 'norms'"),
+    ("morph", ["morph.workers=0"], "morph.workers must be at least 1"),
+    ("morph", ["morph.workers=2", "morph.device=cuda"], "set morph.workers = 1 on CUDA"),
 ])
 def test_fit_heal_and_stream_settings_are_checked_when_the_config_loads(step, overrides, match):
     with pytest.raises(UserError, match=match):
         load_upcycle_config(ROOT / "configs" / "upcycle" / f"{step}.toml", overrides)
+
+
+def test_parallel_block_fits_are_cpu_only():
+    from vpmoe.upcycle.config import MorphSection
+
+    with pytest.raises(ValueError, match="morph.workers must be at least 1"):
+        MorphSection(workers=0).validate()
+    with pytest.raises(ValueError, match=r"morph.workers = 2 .* morph.device is \"cuda\": set morph.workers = 1"):
+        MorphSection(workers=2, device="cuda").validate()
+    MorphSection(workers=2).validate()
+    MorphSection(workers=1, device="cuda").validate()
+    assert load_upcycle_config(ROOT / "configs" / "upcycle" / "morph.toml").morph.workers == 1
 
 
 def test_morph_is_block_wise_exactly_when_fit_data_is_given():

@@ -197,16 +197,11 @@ def test_stream_is_refused_where_it_does_not_apply(tmp_path):
     load_upcycle_config(path, ["upcycle.stream=true", "surgery.method=fit"])  # streams
 
 
-@pytest.mark.parametrize("lr,kept", [(1e-3, "fit"), (2e-2, "mapped")])  # lr 2e-2: the fit hurts every block
-def test_streamed_blockwise_morph_fits_the_in_memory_tensors_bitwise(tmp_path, lr, kept):
-    """The block-wise morph from the compat object on disk (one compat and one real block at a time, the compat
-    activations computed block by block from the embedding) gives the in-memory fit's tensors and per-block errors
-    bitwise: both run blockfit.BlockWalk on the same fp32 tensors in the same order."""
-    import copy
-
+def _tiny_compat_on_disk(tmp_path, n_rows):
+    """A tiny compat model (all parameters perturbed) saved to tmp_path/compat, the real config it morphs to and
+    n_rows calibration rows of 40 tokens."""
     import numpy as np
 
-    from vpmoe.upcycle import blockfit, morph
     from vpmoe.upcycle.drift import CalibrationRow
 
     geometry = ["model.n_layers=4", "attention.n_heads=8", "attention.n_kv_heads=2", "attention.head_dim=8",
@@ -219,7 +214,20 @@ def test_streamed_blockwise_morph_fits_the_in_memory_tensors_bitwise(tmp_path, l
     save_model(compat, tmp_path / "compat")
     cfg = model_config("tiny_real", *geometry, "attention.tpa_q_rank=2", "attention.window=32")
     g = np.random.default_rng(1)
-    rows = [CalibrationRow(g.integers(0, 64, 40).astype(np.int32), np.ones(40, np.uint8)) for _ in range(10)]
+    return compat, cfg, [CalibrationRow(g.integers(0, 64, 40).astype(np.int32), np.ones(40, np.uint8))
+                         for _ in range(n_rows)]
+
+
+@pytest.mark.parametrize("lr,kept", [(1e-3, "fit"), (2e-2, "mapped")])  # lr 2e-2: the fit hurts every block
+def test_streamed_blockwise_morph_fits_the_in_memory_tensors_bitwise(tmp_path, lr, kept):
+    """The block-wise morph from the compat object on disk (one compat and one real block at a time, the compat
+    activations computed block by block from the embedding) gives the in-memory fit's tensors and per-block errors
+    bitwise: both run blockfit.BlockWalk on the same fp32 tensors in the same order."""
+    import copy
+
+    from vpmoe.upcycle import blockfit, morph
+
+    compat, cfg, rows = _tiny_compat_on_disk(tmp_path, n_rows=10)
     fit, held = rows[:8], rows[8:]
     settings = blockfit.FitSettings(steps=20 if kept == "fit" else 6, lr=lr, rows_per_step=2)
     mapped, want_details = morph.convert(compat, cfg)
@@ -358,3 +366,45 @@ def test_a_calibration_record_too_long_for_seq_len_is_refused_by_name():
     with pytest.raises(UserError, match=r"calibration record calibration-\d+-00000000 cannot be rendered in "
                                         r"calibration.seq_len = 16 tokens"):
         calibration_rows(CalibrationSection(records=2, seq_len=16))
+
+
+class _Float64Reader(stream.Reader):
+    def __call__(self, names):
+        return {name: t.double() for name, t in super().__call__(names).items()}
+
+
+def test_streamed_parallel_block_fits_give_the_serial_fit(tmp_path):
+    """The streamed block-wise morph with morph.workers = 2 yields the serial stream's tensors, in its order, and
+    the same per-block report: run in float64 (the reader's tensors and the default dtype of the blocks it
+    builds), so that last-bit differences across processes stay far below the tolerance."""
+    from vpmoe.model.transformer import FP32_NAMES
+    from vpmoe.upcycle import blockfit, morph
+
+    _, cfg, rows = _tiny_compat_on_disk(tmp_path, n_rows=6)
+    settings = blockfit.FitSettings(steps=5, lr=1e-3, rows_per_step=2)
+    reader = _Float64Reader(tmp_path / "compat")
+    runs = {}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for workers in (1, 2):
+            details = {}
+            tensors = blockfit.streamed_tensors(reader, cfg, morph.target_tensors(reader.cfg, cfg, reader, details),
+                                                rows[:4], rows[4:], settings, details, workers=workers)
+            runs[workers] = list(tensors), details
+    finally:
+        torch.set_default_dtype(default)
+    (want, want_details), (got, got_details) = runs[1], runs[2]
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert {t.dtype for n, t in got if not n.endswith(FP32_NAMES)} == {torch.float64}  # (GRAPE-M stays fp32)
+    want_blocks, got_blocks = want_details.pop("blockwise"), got_details.pop("blockwise")
+    assert got_details == want_details  # the mapping's own details
+    assert (want_blocks.pop("workers"), got_blocks.pop("workers")) == (1, 2)
+    assert {e["kept"] for e in got_blocks["blocks"][1:]} == {"fit"}
+    for a, b in zip(want_blocks.pop("blocks"), got_blocks.pop("blocks"), strict=True):
+        assert (b["layer"], b["kept"], b["trained"]) == (a["layer"], a["kept"], a["trained"])
+        for k in a["rel_err"]:
+            assert b["rel_err"][k] == pytest.approx(a["rel_err"][k], rel=1e-10, abs=0)
+    assert got_blocks == want_blocks
+    diff = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)) for (_, a), (_, b) in zip(want, got))
+    assert diff <= 1e-10

@@ -108,7 +108,12 @@ class FitDataSection:
 class MorphSection:
     """Step 3: compat -> real. method "mapped": the weight mapping alone; "blockwise": then every real block is
     fitted to its compat block on calibration activations (vpmoe.upcycle.blockfit, data from [fit_data]); "auto":
-    blockwise when fit_data.dataset names a dataset, else mapped."""
+    blockwise when fit_data.dataset names a dataset, else mapped.
+
+    `workers` > 1 fits blocks 1.. in that many CPU processes at once (blocks are independent given the compat
+    activations; layer 0 is fitted first, its V feeds the others), each with an equal share of the torch threads;
+    memory grows to `workers` real blocks and sets of calibration activations. The fit of each block is the same
+    arithmetic as with workers = 1 (floating-point sums may differ in the last bits across processes). CPU only."""
 
     sink_init: float = -10.0
     value_residual_init: float = -10.0
@@ -119,8 +124,14 @@ class MorphSection:
     q_init: Literal["whitened", "svd"] = "whitened"  # TPA Q of local layers: activation-aware SVD or the mapping's
     device: Literal["cpu", "cuda"] = "cpu"  # where the block-wise fit runs (both 28-layer models fit on one GPU)
     trainable: list[str] = field(default_factory=lambda: list(FIT_GROUPS))
+    workers: int = 1  # processes fitting blocks at once (CPU only: 1 with device "cuda")
 
     def validate(self) -> None:
+        if self.workers < 1:
+            raise ValueError("morph.workers must be at least 1")
+        if self.workers > 1 and self.device == "cuda":
+            raise ValueError(f"morph.workers = {self.workers} fits blocks in CPU processes, morph.device is "
+                             "\"cuda\": set morph.workers = 1 on CUDA")
         if self.rows_per_step < 1:
             raise ValueError("morph.rows_per_step must be at least 1")
         if self.steps < 0 or self.lr <= 0:

@@ -176,7 +176,8 @@ class Morph(_StreamedStep):
             result.to(m.device)
             with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph", unit="block") as bar:
                 details["blockwise"] = blockfit.fit_blocks(source, result, fit_rows, heldout_rows, settings,
-                                                           progress=lambda layer, entry: bar.update())
+                                                           progress=lambda layer, entry: bar.update(),
+                                                           workers=m.workers)
             source.to("cpu")
             result.to("cpu")
             details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
@@ -197,7 +198,7 @@ class Morph(_StreamedStep):
         with tqdm(total=target_cfg.model.n_layers, desc="block-wise morph (streamed)", unit="block") as bar:
             yield from blockfit.streamed_tensors(reader, target_cfg, tensors, fit_rows, heldout_rows,
                                                  _fit_settings(m), details, m.device,
-                                                 progress=lambda layer, entry: bar.update())
+                                                 progress=lambda layer, entry: bar.update(), workers=m.workers)
         details["blockwise"]["calibration"] = portable_name(ctx.cfg.fit_data.dataset)
 
 

@@ -4,7 +4,8 @@
 - `write_streamed`: (name, tensor) pairs as a step produces them -> sharded safetensors in the configured dtype
   (the fp32-only tensors stay fp32) + config.json; every name and shape is checked against the target config.
 - `fitted_layers`: a step's (name, tensor) stream with each layer gathered into a block, changed (fitted) by a
-  callback and passed on: the fitted steps stream through it.
+  callback and passed on: the fitted steps stream through it (`pipelined_layers`: with fits running in other
+  processes, up to a given number of layers pending at once, passed on in order).
 - `RowWalk`: calibration rows' hidden states pushed through a model's blocks one block at a time.
 - `streamed_hidden`: the final hidden states of an object on the calibration rows, computed block by block (each
   block built alone and loaded from disk), so that a drift report never needs the whole model in memory.
@@ -13,8 +14,11 @@ A streamed step gives exactly the tensors of the in-memory one: both run the ste
 
 from __future__ import annotations
 
+import functools
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from vpmoe.model.positions import rope_inv_freq, rotary_cos_sin
 from vpmoe.model.transformer import FP32_NAMES, Block, Transformer
 
 TOP_NAMES = ("embed.weight", "final_norm.weight", "head.weight")
+T = TypeVar("T")
 
 
 def layer_names(cfg: ModelConfig, layer: int) -> list[str]:
@@ -96,31 +101,65 @@ def write_streamed(directory: str | Path, cfg: ModelConfig, tensors: Iterable[tu
 
 
 def fitted_layers(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                  fit: Callable[[int, Block], None], device: str | torch.device = "cpu"
+                  fit: Callable[[int, Block], object], device: str | torch.device = "cpu"
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass the (name, tensor) pairs on, except that each layer's tensors (consecutive, as every target_tensors
     yields them) are loaded into a Block of `cfg` on `device`, `fit(layer, block)` changes it in place, and the
     block's tensors (on the CPU) are passed on instead, in the layer's order."""
-    layer, names, pending = 0, None, {}
-    for name, tensor in tensors:
-        if not name.startswith("layers."):
-            yield name, tensor
-            continue
-        names = names or layer_names(cfg, layer)
-        pending[name] = tensor
-        if len(pending) < len(names):
-            continue
-        prefix = f"layers.{layer}."
-        block = _meta_block(cfg, layer).to_empty(device=device)
-        block.load_state_dict({n[len(prefix):]: pending.pop(n) for n in names}, strict=True)
-        if pending:
-            raise AssertionError(f"layer {layer} got tensors it does not have: {sorted(pending)}")
-        fit(layer, block)
-        state = block.state_dict()
-        for n in names:
-            yield n, state[n[len(prefix):]].detach().cpu()
-        del block, state
-        layer, names = layer + 1, None
+    def start(layer: int, block: Block) -> None:
+        fit(layer, block)  # done when it returns: nothing to wait for
+
+    yield from pipelined_layers(cfg, tensors, start, 1, device)
+
+
+def pipelined_layers(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                     start: Callable[[int, Block], Callable[[], None] | None], depth: int,
+                     device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """`fitted_layers` with fits that run elsewhere: `start(layer, block)` starts the change of the block and
+    returns the callable that waits for it to complete (None: complete already). Up to `depth` layers are pending
+    at once, each passed on when its fit is complete; the stream keeps its order (a tensor after pending layers
+    waits for them). depth 1: each layer is fitted and passed on before the next one is gathered."""
+    def jobs():
+        layer, names, got = 0, None, {}
+        for name, tensor in tensors:
+            if not name.startswith("layers."):
+                yield lambda pair=(name, tensor): [pair]
+                continue
+            names = names or layer_names(cfg, layer)
+            got[name] = tensor
+            if len(got) < len(names):
+                continue
+            prefix = f"layers.{layer}."
+            block = _meta_block(cfg, layer).to_empty(device=device)
+            block.load_state_dict({n[len(prefix):]: got.pop(n) for n in names}, strict=True)
+            if got:
+                raise AssertionError(f"layer {layer} got tensors it does not have: {sorted(got)}")
+            yield functools.partial(_layer_tensors, block, names, prefix, start(layer, block))
+            del block
+            layer, names = layer + 1, None
+
+    for pairs in in_order(jobs(), depth):
+        yield from pairs
+        del pairs  # the layer's tensors are the consumer's now
+
+
+def _layer_tensors(block: Block, names: list[str], prefix: str, done: Callable[[], None] | None):
+    if done is not None:
+        done()
+    state = block.state_dict()
+    return [(n, state[n[len(prefix):]].detach().cpu()) for n in names]
+
+
+def in_order(jobs: Iterable[Callable[[], T]], depth: int) -> Iterator[T]:
+    """The results of `jobs` in their order: `jobs` starts each job as it gives it (the callable that waits for the
+    job and returns its result), and is advanced only while fewer than `depth` jobs are pending."""
+    pending: deque = deque()
+    for done in jobs:
+        pending.append(done)
+        if len(pending) >= depth:
+            yield pending.popleft()()
+    while pending:
+        yield pending.popleft()()
 
 
 class RowWalk:
