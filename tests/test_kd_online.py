@@ -95,11 +95,15 @@ def test_chunked_kl_and_its_gradient_equal_a_float64_full_softmax(tmp_path, data
     # fp32 logits (chunk by chunk vs all at once) under float64 softmax math: 1e-5 relative is float32 rounding
     assert out.terms["kl"].item() == pytest.approx(reference.item(), rel=1e-5)
     assert reference.item() > 0.01
+    # atol from the largest gradient: a scalar parameter's gradient is an fp32 sum of cancelling terms, whose
+    # rounding follows the terms' size, not the sum's (2e-4 relative seen on a 7e-7 gradient)
+    scale = max(w.abs().max().item() for w in expected if w is not None)
     for p, got, want in zip(params, grads, expected):
         if want is None:
             assert got is None or not got.any()
             continue
-        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4,
+                                   atol=max(1e-4 * want.abs().max().item(), 1e-6 * scale))
 
 
 def test_a_teacher_equal_to_the_student_gives_zero_kl_and_identity_projections_zero_hidden(
@@ -202,11 +206,15 @@ def metrics(run_dir):
 def test_resume_after_sigkill_is_bitwise_identical_projections_included(tmp_path, dataset, hf_teacher):
     steps = 4
     sets = dict(train__steps=steps, checkpoint__every=2, distill__standardize=True)
-    train(config(tmp_path, dataset, hf_teacher, "straight", **sets))
-    cfg_file = tmp_path / "killed.toml"
-    cfg_file.write_text(config_io.dumps_toml(config(tmp_path, dataset, hf_teacher, "killed", **sets)))
-    cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg_file)]
+    # both runs in processes of the same settings: the thread count (and buffer alignment) picks CPU kernels
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("straight", "killed"):
+        (tmp_path / f"{name}.toml").write_text(config_io.dumps_toml(config(tmp_path, dataset, hf_teacher, name,
+                                                                           **sets)))
+    straight = subprocess.run([sys.executable, "-m", "vpmoe.cli", "train", str(tmp_path / "straight.toml")],
+                              capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(tmp_path / "killed.toml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     deadline = time.time() + 300
     while (checkpoints.latest(tmp_path / "killed") or Path("step_0")).name < "step_0000002":

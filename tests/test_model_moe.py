@@ -233,3 +233,21 @@ def test_sorted_bias_add_gradient_equals_index_select_autograd():
     torch.testing.assert_close(got_rows.double(), want_rows.bfloat16().double(), rtol=0, atol=0)
     torch.testing.assert_close(got_bias.double(), want_bias, rtol=2e-2, atol=2e-2)
     assert (got_bias[[1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("repeat", [1, 4])
+def test_permuted_rows_gradient_equals_index_select_autograd(repeat):
+    """PermutedRows' gather backward equals autograd's index_add backward of index_select, in float64."""
+    from vpmoe.model.moe import PermutedRows
+
+    torch.manual_seed(repeat)
+    x = torch.randn(37, 6, dtype=f64, requires_grad=True)
+    index = torch.randperm(37 * repeat)
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel()))
+    got = PermutedRows.apply(x, index, inverse, repeat)
+    want = x.index_select(0, index // repeat)
+    assert torch.equal(got, want)
+    weight = torch.randn_like(got)
+    (got_grad,) = torch.autograd.grad((got * weight).sum(), x)
+    (want_grad,) = torch.autograd.grad((want * weight).sum(), x)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)

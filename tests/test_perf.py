@@ -143,3 +143,40 @@ def test_cuda_graph_compile_is_refused_where_it_cannot_run(tmp_path):
     two_ranks = Ranks(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="one GPU only"):
         Trainer(cfg, two_ranks, SyntheticBatches(256, 64, 1), SMALL_MODEL, 64)
+
+
+def test_profile_components_table_adds_up_to_the_step():
+    from vpmoe.perf.profile import component_of, components
+
+    names = {
+        "triton_tem_fused__to_copy_flex_attention_backward_mul_sigmoid_29": "attention",
+        "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversalINS5_"
+        "17GroupProblemShapeIN4cute5tupleIJiiiEEEEENS5_10collec": "expert GEMMs",
+        "nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT": "dense GEMMs",
+        "triton_per_fused_add_mul_rsqrt_3": "compiled elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<float>": "eager elementwise",
+    }
+    assert {k: component_of(k) for k in names} == names
+    model = {"attention": 30.0, "expert GEMMs": 20.0, "dense GEMMs": 40.0, "compiled elementwise": 5.0,
+             "eager elementwise": 5.0}
+    step = {k: v for k, v in model.items()} | {"eager elementwise": 45.0}  # + 40 ms of optimizer kernels
+    flops = {"attention": 3e9, "experts": 1e9, "dense": 8e9}
+    rows = {r["component"]: r for r in components(step, model, flops, 1000, 160.0, 500.0)}
+    assert rows["optimizer"]["ms_per_step"] == 40.0 and rows["host gap (GPU idle)"]["ms_per_step"] == 20.0
+    assert sum(r["ms_per_step"] for r in rows.values()) == 160.0
+    assert rows["dense GEMMs"]["share_pct"] == 25.0
+    assert rows["attention"]["tflops"] == 100.0 and rows["attention"]["pct_of_matmul_rate"] == 20.0  # 3e12 / 0.03 s
+    assert rows["expert GEMMs"]["tflops"] == 50.0 and "tflops" not in rows["optimizer"]
+
+
+def test_flops_split_sums_to_the_flops_per_token():
+    from vpmoe.model.config import load_model_config
+    from vpmoe.model.params import count_params
+    from vpmoe.train.flops import train_flops_per_token, train_flops_split
+
+    cfg = load_model_config("vpMoE")
+    split = train_flops_split(cfg, 2048)
+    assert sum(split.values()) == train_flops_per_token(cfg, 2048)
+    kinds = count_params(cfg)["kinds"]
+    assert split["experts"] == 6 * kinds["expert_bank"] * cfg.moe.topk / cfg.moe.n_experts
+    assert split["dense"] == 6 * (kinds["matrix"] + kinds["router"] + kinds["head"])

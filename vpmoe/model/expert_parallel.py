@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vpmoe.model.moe import ExpertBank
+from vpmoe.model.moe import ExpertBank, PermutedRows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -70,10 +70,10 @@ class ExpertParallel:
         sizes = torch.stack([per_expert.view(self.size, self.n_local).sum(1),
                              received_per_expert.view(self.size, self.n_local).sum(1)]).tolist()  # the host sync
         send, receive = sizes
-        rows = all_to_all(x.index_select(0, order // topk), send, receive, self.group)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        rows = all_to_all(PermutedRows.apply(x, order, unsort, topk), send, receive, self.group)
         local_experts = torch.arange(self.n_local, device=x.device).repeat(self.size)
         local_experts = local_experts.repeat_interleave(received_per_expert)
         outputs = bank(rows, local_experts[:, None], kernel)  # [rows received, D]
         returned = all_to_all(outputs, receive, send, self.group)  # back in sorted-slot order
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return returned.index_select(0, unsort)
+        return PermutedRows.apply(returned, unsort, order, 1)

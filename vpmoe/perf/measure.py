@@ -104,6 +104,9 @@ def measure(trainer: Trainer, warmup: int, steps: int) -> dict:
         "model_tflops_per_s": record["tokens_per_s"] * trainer.flops_per_token / 1e12,
         "loss": record["loss"],
     }
+    if device.type == "cuda":  # between steps: weights, gradients, optimizer state and what graphs keep
+        summary["resident_memory_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+        summary["reserved_memory_gib"] = round(torch.cuda.memory_reserved(device) / 2**30, 2)
     peak = peak_flops(device)
     if peak is not None:
         summary["nominal_peak_tflops"] = peak / 1e12

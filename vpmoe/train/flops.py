@@ -24,19 +24,25 @@ def visible_keys(seq_len: int, window: int | None) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_split(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token by component: attention scores and values, routed expert GEMMs, and every other
+    matmul (projections, shared expert, dense FFN, router, head)."""
     counts = count_params(cfg)
-    matmul = counts["kinds"]["matrix"] + counts["kinds"]["router"] + counts["kinds"]["head"]
+    dense = counts["kinds"]["matrix"] + counts["kinds"]["router"] + counts["kinds"]["head"]
     # Routed experts: only top_k of them per token.
     experts = counts["kinds"]["expert_bank"]
     if cfg.moe.enabled:
         experts = experts * cfg.moe.topk / cfg.moe.n_experts
-    forward = 2 * (matmul + experts)
     a = cfg.attention
+    attention = 0.0
     for layer in range(cfg.model.n_layers):
         window = a.window if cfg.layer_kind(layer) == "local" else None
-        forward += 4 * a.n_heads * a.head_dim * visible_keys(seq_len, window)
-    return 3 * forward
+        attention += 4 * a.n_heads * a.head_dim * visible_keys(seq_len, window)
+    return {"attention": 3 * attention, "experts": 3 * 2 * experts, "dense": 3 * 2 * dense}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return sum(train_flops_split(cfg, seq_len).values())
 
 
 def peak_flops(device: torch.device) -> float | None:
