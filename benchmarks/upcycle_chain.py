@@ -33,6 +33,10 @@ transformers), with that process's peak RSS (goal: every peak <= 16 GiB). `--tin
 miniature (minutes), to check the path.
 
     python benchmarks/upcycle_chain.py --real-shape /tmp/upcycle_real [--dtype fp32|bf16] [--tiny] [--records 8]
+                                       [--fitted DATASET [--fit-steps 200]]
+
+`--fitted DATASET` runs steps 2, 3 and 5 on their fitted paths (surgery "fit", block-wise morph, router fit with
+noise 0.01) with calibration samples from DATASET: the memory and time of the fits at the real shapes.
 
 Held-out loss: mean next-token NLL on records the donor never saw; agreement: KL(donor || model), top-1 agreement,
 max |dlogit| (vpmoe.upcycle.drift.compare_logits). Goals (issue 19): block-wise real <= 1.5 nats before any
@@ -218,13 +222,25 @@ def make_roots(root: Path, tiny: bool, dtype: str) -> tuple[Path, str]:
     return registry, section
 
 
-def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
+def fitted_sections(dataset: str, fit_steps: int) -> dict[str, str]:
+    """The fitted paths' config sections (step 2 "fit", step 3 block-wise, step 5 router fit with noise) on a
+    dataset built by `vpmoe data build`, with a small budget: what is measured is memory and time per block."""
+    data = f'[fit_data]\ndataset = "{Path(dataset).resolve().as_posix()}"\nfit_samples = 8\nheldout_samples = 2\n' \
+           f'max_tokens = 256\n'
+    return {"surgery": "[surgery]\nmethod = \"fit\"\nfit_records = 16\n",
+            "morph": f'{data}[morph]\nmethod = "blockwise"\nsteps = {fit_steps}\n',
+            "granular": f'{data}[granular]\nnoise = 0.01\nfit_router = true\nrouter_fit_steps = {fit_steps}\n'}
+
+
+def real_shape(root: Path, dtype: str, tiny: bool, records: int, fitted: str | None = None,
+               fit_steps: int = 5) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     registry, transplant_section = make_roots(root, tiny, dtype)
+    sections = fitted_sections(fitted, fit_steps) if fitted else {}
     results = {}
     for step, source, target, inp, out in REAL_STEPS:
         config = root / f"{step}.toml"
-        extra = transplant_section if step == "transplant" else ""
+        extra = transplant_section if step == "transplant" else sections.get(step, "")
         config.write_text(testing.step_config_text(step, source, target, root / inp, root / out, registry,
                                                    records=records, extra=extra))
         overrides = ["upcycle.overwrite=true"]
@@ -251,6 +267,7 @@ def real_shape(root: Path, dtype: str, tiny: bool, records: int) -> dict:
               f"{numbers['load_check']['params']:,}  finite {numbers['load_check']['logits_finite']}")
     peak = max(max(r["peak_rss_gib"], r["load_check"]["peak_rss_gib"]) for r in results.values())
     return {"dtype": dtype, "tiny": tiny, "calibration_records": records, "steps": results,
+            "fitted": {k: v.replace(str(Path(fitted).resolve().as_posix()), "DATASET") for k, v in sections.items()},
             "peak_rss_gib": peak, "goal_peak_rss_le_16gib": peak <= 16}
 
 
@@ -270,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of the streamed steps")
     parser.add_argument("--tiny", action="store_true", help="--real-shape on the test miniature")
     parser.add_argument("--records", type=int, default=8, help="--real-shape: calibration records of the drift")
+    parser.add_argument("--fitted", metavar="DATASET", help="--real-shape with the fitted paths (surgery fit, "
+                        "block-wise morph, router fit) on this dataset (`vpmoe data build`), --fit-steps each")
     parser.add_argument("--run-step", nargs="+", metavar=("CONFIG", "OVERRIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--check-load", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,8 +297,8 @@ def main(argv=None):
     if args.check_load:
         return check_load(*args.check_load)
     if args.real_shape:
-        report = real_shape(Path(args.real_shape), args.dtype, args.tiny, args.records)
-        name = f"upcycle_chain_real_shape_{args.dtype}.json"
+        report = real_shape(Path(args.real_shape), args.dtype, args.tiny, args.records, args.fitted, args.fit_steps)
+        name = f"upcycle_chain_real_shape_{args.dtype}{'_fitted' if args.fitted else ''}.json"
         out = Path(args.real_shape) / name if args.tiny else Path(args.out).with_name(name)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"goal peak RSS <= 16 GiB: {report['goal_peak_rss_le_16gib']}; wrote {out}")
