@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vpmoe.model.moe import ExpertBank, PermutedRows
+from vpmoe.model.moe import ExpertBank, PermutedRows, inverse_permutation
 
 
 class _AllToAll(torch.autograd.Function):
@@ -70,7 +70,7 @@ class ExpertParallel:
         sizes = torch.stack([per_expert.view(self.size, self.n_local).sum(1),
                              received_per_expert.view(self.size, self.n_local).sum(1)]).tolist()  # the host sync
         send, receive = sizes
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        unsort = inverse_permutation(order)
         rows = all_to_all(PermutedRows.apply(x, order, unsort, topk), send, receive, self.group)
         local_experts = torch.arange(self.n_local, device=x.device).repeat(self.size)
         local_experts = local_experts.repeat_interleave(received_per_expert)

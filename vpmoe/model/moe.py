@@ -173,7 +173,7 @@ class ExpertBank(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # slots sorted by expert
         sorted_experts = flat[order]
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        unsort = inverse_permutation(order)
         sorted_x = PermutedRows.apply(x, order, unsort, topk)
         weights = self.local_weights()
         # An expert-parallel rank may receive no rows: the padded path computes zero rows (and zero gradients for
@@ -245,6 +245,10 @@ def _padded_bmm(w: BankWeights, x: torch.Tensor, experts: torch.Tensor) -> torch
     if w.down_bias is not None:
         y = y + w.down_bias[:, None, :]
     return y[experts, slot]
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 class PermutedRows(torch.autograd.Function):

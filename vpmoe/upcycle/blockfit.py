@@ -39,7 +39,7 @@ from vpmoe.model.transformer import Block, Transformer
 from vpmoe.upcycle import morph
 from vpmoe.upcycle.config import FIT_GROUPS
 from vpmoe.upcycle.drift import CalibrationRow
-from vpmoe.upcycle.stream import Reader, _meta_block, fitted_layers, in_order, pipelined_layers, row_context
+from vpmoe.upcycle.stream import Reader, _meta_block, in_order, pipelined_layers, row_context
 
 TPA_LEAVES = ("q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
 
@@ -176,12 +176,6 @@ def fit_blocks(compat: Transformer, real: Transformer, fit_rows: list[Calibratio
     Both models on one device (morph.device); `workers` > 1: layers 1.. in that many CPU processes."""
     walk = BlockWalk(compat.embed.weight, compat.cfg, real.cfg, fit_rows, heldout_rows, settings,
                      compat.kernels.experts, workers)
-    if workers == 1:
-        for layer, (c_block, r_block) in enumerate(zip(compat.layers, real.layers)):
-            entry = walk.step(layer, c_block, r_block)
-            if progress is not None:
-                progress(layer, entry)
-        return walk.report()
     with fit_pool(workers) as pool:
         started = (walk.start(layer, c_block, r_block, pool)
                    for layer, (c_block, r_block) in enumerate(zip(compat.layers, real.layers)))
@@ -204,33 +198,29 @@ def streamed_tensors(reader: Reader, cfg: ModelConfig, mapped: Iterator[tuple[st
     walk = BlockWalk(embed, reader.cfg, cfg, fit_rows, heldout_rows, settings, workers=workers)
     del embed
 
-    if workers == 1:
-        def fit(layer: int, block: Block) -> None:
-            entry = walk.step(layer, reader.block(layer).to(device), block)
-            if progress is not None:
-                progress(layer, entry)
+    with fit_pool(workers) as pool:
+        def start(layer: int, block: Block) -> Callable[[], None]:
+            done = walk.start(layer, reader.block(layer).to(device), block, pool)
 
-        yield from fitted_layers(cfg, mapped, fit, device)
-    else:
-        with fit_pool(workers) as pool:
-            def start(layer: int, block: Block) -> Callable[[], None]:
-                done = walk.start(layer, reader.block(layer), block, pool)
+            def finish() -> None:
+                entry = done()
+                if progress is not None:
+                    progress(layer, entry)
 
-                def finish() -> None:
-                    entry = done()
-                    if progress is not None:
-                        progress(layer, entry)
+            return finish
 
-                return finish
-
-            yield from pipelined_layers(cfg, mapped, start, workers, device)
+        yield from pipelined_layers(cfg, mapped, start, workers, device)
     details["blockwise"] = walk.report()
 
 
 @contextmanager
-def fit_pool(workers: int) -> Iterator[Executor]:
+def fit_pool(workers: int) -> Iterator[Executor | None]:
     """A pool of `workers` spawned processes for block fits, each with an equal share of this process's torch
-    threads and its default dtype; shut down on every exit (pending fits cancelled, running ones waited for)."""
+    threads and its default dtype; shut down on every exit (pending fits cancelled, running ones waited for).
+    None for one worker: the fits run here."""
+    if workers == 1:
+        yield None
+        return
     threads = max(1, torch.get_num_threads() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(threads, torch.get_default_dtype()))
