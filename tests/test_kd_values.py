@@ -6,7 +6,6 @@ teacher row paired with the wrong position (shifted by one, another sample's) ch
 tolerance (a near-uniform student at init would not show it)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -208,7 +208,7 @@ def test_cuda_graph_blocks_train_like_compiled_blocks():
         trainer = synthetic_trainer(cfg, load_model_config(cfg.model.config, [
             "model.n_layers=5", "model.vocab_size=512", "attention.window=32"]))
         def flat():
-            return torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
+            return torch.cat([p.detach().double().flatten() for p in trainer.weights.parameters()])
 
         start, losses = flat(), []
         for _ in range(3):
@@ -222,3 +222,45 @@ def test_cuda_graph_blocks_train_like_compiled_blocks():
     error = rel(graphed_update, compiled_update)  # the same kernels in the same order: expect (near) 0
     print(f"GPU-ERR cudagraphs/update of 3 steps vs compiled: {error:.2e}")
     assert error <= 2e-2
+
+
+def test_bf16_working_copy_trains_like_fp32_weights_under_autocast(monkeypatch):
+    """Three optimizer steps with accumulation on CUDA-graphed blocks, against the same steps in fp32 (reference
+    kernels, no autocast): the bf16 working copy with fp32 masters (vpmoe.train.master) stays within a small factor
+    of the error of fp32 weights cast under autocast on every micro-batch (the path before it)."""
+    from vpmoe.model.config import load_model_config
+    from vpmoe.perf.measure import synthetic_trainer
+    from vpmoe.train import parallelize
+    from vpmoe.train.config import load_train_config
+
+    def train(precision, masters=True):
+        torch._dynamo.reset()
+        monkeypatch.undo()
+        if not masters:
+            monkeypatch.setattr(parallelize, "Masters", lambda model, dtype: None)
+        kernels = ["train.kernels=fast", "train.compile=cudagraphs"] if precision == "bf16" else []
+        cfg = load_train_config("configs/train/tiny_ce.toml", [
+            "data.seq_len=256", "data.micro_batch_size=2", "data.grad_accum=2", "train.steps=10", "train.device=cuda",
+            f"train.precision={precision}", *kernels])
+        trainer = synthetic_trainer(cfg, load_model_config(cfg.model.config, [
+            "model.n_layers=5", "model.vocab_size=512", "attention.window=32"]))
+        assert (trainer.masters is not None) == (precision == "bf16" and masters)
+
+        def flat():
+            return torch.cat([p.detach().double().flatten() for p in trainer.weights.parameters()])
+
+        start, losses = flat(), []
+        for _ in range(3):
+            losses.append(trainer.step().terms["ce"])
+        if trainer.masters is not None:
+            for work, master in trainer.masters.pairs:
+                assert torch.equal(work, master.to(work.dtype))
+        return losses, flat() - start
+
+    fp32_losses, fp32_update = train("fp32")
+    masters_losses, masters_update = train("bf16")
+    autocast_losses, autocast_update = train("bf16", masters=False)
+    print(f"GPU-ERR losses fp32 {fp32_losses} masters {masters_losses} autocast {autocast_losses}")
+    assert masters_losses == pytest.approx(fp32_losses, rel=2e-2)
+    report("bf16 masters/update of 3 steps", rel(masters_update, fp32_update), rel(autocast_update, fp32_update),
+           5e-2)

@@ -1,7 +1,9 @@
 """The student as a training stage runs it, prepared in one place and in one order, with every compatibility check
-here: layout -> kernels -> initial weights -> frozen groups -> activation checkpointing -> expert parallelism ->
-compiled blocks (CUDA graphs) -> FSDP2 sharding (bf16 gathers, fp32 reduction and fp32 master weights when the run
-computes in bf16). The model file knows nothing of any of it.
+here: layout -> kernels -> initial weights -> frozen groups -> bf16 working copy (one process) -> activation checkpointing
+-> expert parallelism -> compiled blocks (CUDA graphs) -> FSDP2 sharding. When the run computes in bf16, the weights
+are cast once per optimizer step, never per micro-batch: in one process the model holds a bf16 working copy of fp32
+master weights (vpmoe.train.master); sharded, FSDP2 gathers bf16 from fp32 shards and reduces in fp32. The model file
+knows nothing of any of it.
 
 Sharding (vpmoe.train.mesh): every block is an FSDP2 unit over the dense mesh, the root holds embedding, final norm
 and head. Under expert parallelism each MoE layer's banks become DTensors split over the ep ranks on dim 0 (whole
@@ -29,6 +31,7 @@ from vpmoe.model.moe import MoE
 from vpmoe.model.naming import freeze_group
 from vpmoe.model.transformer import FP32_NAMES
 from vpmoe.train.config import ParallelSection, TrainSection
+from vpmoe.train.master import Masters
 from vpmoe.train.mesh import Layout, Meshes, build_meshes, resolve_layout
 
 
@@ -54,7 +57,7 @@ def check(train: TrainSection, ranks: Ranks, layout: Layout = Layout()) -> None:
 
 
 def autocast_dtype(train: TrainSection, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast over fp32 master weights, or None (plain fp32)."""
+    """The compute dtype of bf16 autocast (over a bf16 working copy, or FSDP2's bf16 gathers), or None (plain fp32)."""
     dtype = compute_dtype(train.precision, device)
     return dtype if dtype != torch.float32 else None
 
@@ -76,7 +79,8 @@ def apply_freeze(model: torch.nn.Module, groups: list[str]) -> list[str]:
 
 def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, init_from: str = "",
                   parallel: ParallelSection | None = None):
-    """The model ready for the loop. Returns (model, names of frozen parameters)."""
+    """The model ready for the loop. Returns (model, names of frozen parameters, the fp32 masters of its bf16 working
+    copy or None: the module whose parameters the optimizer updates is `masters or model`)."""
     n_experts = model_cfg.moe.n_experts if model_cfg.moe.enabled else None
     layout = resolve_layout(parallel or ParallelSection(), ranks.world_size, n_experts)
     check(train, ranks, layout)
@@ -84,6 +88,8 @@ def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, ini
     if init_from:
         load_weights(model, init_from)
     frozen = apply_freeze(model, train.freeze)
+    compute = autocast_dtype(train, ranks.device)
+    masters = Masters(model, compute) if compute is not None and not ranks.distributed else None
     model.activation_checkpointing = train.activation_checkpointing
     meshes = build_meshes(layout, ranks.device.type) if ranks.distributed else None
     if meshes is not None and ranks.is_main:
@@ -93,8 +99,8 @@ def build_student(model_cfg: ModelConfig, train: TrainSection, ranks: Ranks, ini
     if train.compile != "off":
         model.compile_blocks(cuda_graphs=train.compile == "cudagraphs")
     if meshes is not None:
-        shard(model, meshes, autocast_dtype(train, ranks.device), ranks.world_size)
-    return model, frozen
+        shard(model, meshes, compute, ranks.world_size)
+    return model, frozen, masters
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -125,15 +125,19 @@ class Trainer:
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
 
-        self.model, self.frozen = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from, cfg.parallel)
+        self.model, self.frozen, self.masters = build_student(model_cfg, cfg.train, ranks, cfg.model.init_from,
+                                                              cfg.parallel)
+        # What the optimizer, clipping and checkpoints see: the fp32 masters of a bf16 working copy, or the model
+        self.weights = self.masters if self.masters is not None else self.model
         self.autocast = autocast_dtype(cfg.train, ranks.device)
         self.objective = build_objective(cfg, ranks)
         self.objective.attach(self.model)
         self.extra = torch.nn.ModuleDict(self.objective.modules())  # the stage's own modules, replicated
         self.update_bias = model_cfg.moe.enabled and "router" not in cfg.train.freeze
-        # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads)
-        self.graph_safe_grads = cfg.train.compile == "cudagraphs"
-        self.optimizer, table = build_optimizer(self.model.named_parameters(), cfg.optim,
+        # CUDA-graphed blocks: gradients must live outside the graphs' memory pool (see allocate_grads; the masters'
+        # hooks copy them out themselves)
+        self.graph_safe_grads = cfg.train.compile == "cudagraphs" and self.masters is None
+        self.optimizer, table = build_optimizer(self.weights.named_parameters(), cfg.optim,
                                                 extra_groups=self.objective.optimizer_groups())
         try:
             self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
@@ -188,6 +192,8 @@ class Trainer:
             if not all(math.isfinite(v.item()) for v in terms.values()) or not math.isfinite(grad_norm):
                 self.fail_non_finite(terms, grad_norm)
             self.optimizer.step()
+            if self.masters is not None:
+                self.masters.publish()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=not self.graph_safe_grads)
             routing = all_reduce_sum(sums.routing, ranks) if sums.routing is not None else None
@@ -241,7 +247,7 @@ class Trainer:
 
     def clip_gradients(self) -> float:
         """Clip the global gradient norm of the model (sharded) and the stage's modules (replicated) together."""
-        grads = [p.grad for module in (self.model, self.extra) for p in module.parameters() if p.grad is not None]
+        grads = [p.grad for module in (self.weights, self.extra) for p in module.parameters() if p.grad is not None]
         total = total_norm(grads)
         scale = self.cfg.train.grad_clip / (total + 1e-6)
         if self.cfg.train.grad_clip and scale < 1.0:
@@ -249,7 +255,7 @@ class Trainer:
         return total
 
     def fail_non_finite(self, terms: dict[str, torch.Tensor], grad_norm: float) -> None:
-        bad = sorted({name.rsplit(".", 1)[0] for name, p in self.model.named_parameters()
+        bad = sorted({name.rsplit(".", 1)[0] for name, p in self.weights.named_parameters()
                       if p.grad is not None and not torch.isfinite(p.grad).all()})
         shown = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
         raise RunError(
@@ -337,7 +343,9 @@ class Trainer:
         path = checkpoints.choose(self.run_dir, self.ranks)
         if path is not None:
             distributed.agree(self.ranks, lambda: resume.check(self.cfg, path, self.model_cfg, self.manifest))
-            self.load_state_dict(checkpoints.load(path, self.model, self.optimizer, self.ranks, self.extra))
+            self.load_state_dict(checkpoints.load(path, self.weights, self.optimizer, self.ranks, self.extra))
+            if self.masters is not None:
+                self.masters.publish()
         self.start_step = self.global_step
         self.previous_provenance = resume.previous_record(self.run_dir, path)
         return path
@@ -346,7 +354,7 @@ class Trainer:
         files = {"config.toml": config_io.dumps_toml(self.cfg), "provenance.json": self.provenance_text(),
                  checkpoints.MODEL_CONFIG: json.dumps(model_config_to_dict(self.model_cfg), indent=2,
                                                       sort_keys=True) + "\n"}
-        return checkpoints.save(self.run_dir, self.global_step, self.model, self.optimizer, self.state_dict(),
+        return checkpoints.save(self.run_dir, self.global_step, self.weights, self.optimizer, self.state_dict(),
                                 self.ranks, files, self.cfg.checkpoint.keep, self.extra)
 
     def provenance_text(self) -> str:
