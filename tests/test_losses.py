@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from vpmoe.train import losses
@@ -70,3 +71,26 @@ def test_topk_kl_is_zero_when_student_equals_teacher_and_has_gradients():
 def test_confidence_weights_are_clipped():
     w = losses.confidence_weights(torch.tensor([-10.0, -2.0, -1.0, 0.0, 5.0]), running_mean=-2.0, temperature=1.0)
     torch.testing.assert_close(w, torch.tensor([0.25, 1.0, math.e, 4.0, 4.0]))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the fused (compiled) path runs on CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_and_its_gradient_match_float64(device, dtype):
+    """Values and gradients against torch's float64 cross-entropy of the same (rounded) logits: within fp32
+    rounding for the values; gradients within fp32 rounding, plus the rounding to the logits' dtype."""
+    g = torch.Generator().manual_seed(0)
+    for rows in (37, 64):  # two row counts: the compiled path must not be tied to one
+        logits = (torch.randn(rows, 1000, generator=g) * 4).to(device=device, dtype=dtype).requires_grad_()
+        targets = torch.randint(0, 1000, (rows,), generator=g).to(device)
+        weights = torch.rand(rows, generator=g).to(device)
+        ce = losses.cross_entropy(logits, targets)
+        (ce * weights).sum().backward()
+        exact = logits.detach().double().requires_grad_()
+        want = torch.nn.functional.cross_entropy(exact, targets, reduction="none")
+        (want * weights.double()).sum().backward()
+        assert ce.dtype == torch.float32 and logits.grad.dtype == dtype
+        assert torch.allclose(ce.double(), want, rtol=1e-6, atol=1e-6)
+        unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+        err = (logits.grad.double() - exact.grad).abs()
+        assert (err <= unit * exact.grad.abs() + 1e-6 * exact.grad.abs().max()).all()

@@ -146,3 +146,18 @@ def test_checkpoint_round_trip_restores_fp32_masters_and_the_working_copy(tmp_pa
         assert a.dtype == torch.float32 and torch.equal(a, b), name
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton accumulation runs on CUDA")
+@pytest.mark.parametrize("grad_dtype", [BF16, torch.float32])
+def test_triton_accumulation_equals_torch_add_bitwise(grad_dtype):
+    """The same arithmetic as torch's add (fp32 + fp32(grad), one rounding), on a size no block divides."""
+    from vpmoe.train.master import TRITON_MIN_NUMEL, accumulate_
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for numel in (TRITON_MIN_NUMEL + 4097, 1000):  # the Triton kernel, and torch's add below the threshold
+        total = torch.randn(numel, device="cuda", generator=g) * 1e3
+        grad = torch.randn(numel, device="cuda", generator=g).to(grad_dtype)
+        want = total.clone().add_(grad)
+        accumulate_(total, grad)
+        assert torch.equal(total, want)

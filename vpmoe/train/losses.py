@@ -10,8 +10,9 @@ An empty span contributes 0.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 
 from vpmoe.spans import COUNT as SPAN_COUNT
 
@@ -37,8 +38,43 @@ def span_normalized(values: torch.Tensor, spans: torch.Tensor, counts: torch.Ten
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32, [N]."""
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    """Per-token cross-entropy in fp32, [N], of logits [N, V] in any float dtype. The math is fp32's (log-sum-exp
+    forward, softmax - one_hot backward, the gradient in the logits' dtype); on CUDA each is one fused pass over the
+    logits, so neither an fp32 copy of [N, V] nor its log-softmax is ever written (with the 201,088-wide head these
+    were the largest elementwise kernels of the CE step)."""
+    return _CrossEntropy.apply(logits, targets)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = _fused(_logsumexp, logits)(logits)
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - logits.gather(-1, targets[:, None]).squeeze(-1).to(lse.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        return _fused(_cross_entropy_grad, logits)(logits, targets, lse, grad), None
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor):
+    z = logits.to(lse.dtype)
+    one_hot = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+    return ((torch.exp(z - lse[:, None]) - one_hot.to(z.dtype)) * grad[:, None].to(z.dtype)).to(logits.dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)  # the row count changes with every micro-batch's supervised positions
+
+
+def _fused(fn, logits: torch.Tensor):
+    return _compiled(fn) if logits.is_cuda else fn
 
 
 def confidence_weights(teacher_logprob: torch.Tensor, running_mean: float, temperature: float) -> torch.Tensor:
